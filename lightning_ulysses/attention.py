@@ -1,0 +1,166 @@
+"""Ulysses attention: exchange → the model's own attention backend on the full sequence → exchange.
+
+The function built here is registered in transformers' ``AttentionInterface`` under a name unique
+to one :class:`~lightning_ulysses.hf.UlyssesHandle`, so each model dispatches to its own SP group.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .comm import heads_from_sequence, sequence_from_heads
+from .masks import SUPPORTED_BACKENDS
+
+if TYPE_CHECKING:
+    from .hf import ForwardContext
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How heads are split over ``sp`` ranks.
+
+    Attributes:
+        num_heads: query heads ``Hq`` of the model.
+        num_kv_heads: key/value heads ``Hkv``.
+        sp: sequence-parallel degree.
+        kv_repeat: how many times each KV head is replicated before the exchange (``sp / Hkv``
+            when ``sp > Hkv``, else 1), so that rank ``r`` receives the KV head its query heads use.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    sp: int
+
+    @classmethod
+    def validate(cls, num_heads: int, num_kv_heads: int, sp: int) -> "HeadLayout":
+        """Check that ``sp`` can shard these heads, raising a ``ValueError`` that names the fix."""
+        if sp < 1:
+            raise ValueError(f"sp must be >= 1, got {sp}.")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}.")
+        if num_heads % sp:
+            choices = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+            raise ValueError(
+                f"Ulysses SP shards attention heads: num_attention_heads={num_heads} is not divisible by sp={sp}. "
+                f"Choose sp from {choices}."
+            )
+        if num_kv_heads % sp and sp % num_kv_heads:
+            choices = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and (num_kv_heads % d == 0 or d % num_kv_heads == 0)]
+            raise ValueError(
+                f"num_key_value_heads={num_kv_heads} and sp={sp}: one must divide the other so that each rank's "
+                f"query heads share whole KV heads. Choose sp from {choices}."
+            )
+        return cls(num_heads, num_kv_heads, sp)
+
+    @property
+    def kv_repeat(self) -> int:
+        return 1 if self.num_kv_heads % self.sp == 0 else self.sp // self.num_kv_heads
+
+    @property
+    def local_kv_groups(self) -> int:
+        """Query heads per KV head on one rank after the exchange."""
+        local_q = self.num_heads // self.sp
+        local_kv = self.num_kv_heads * self.kv_repeat // self.sp
+        return local_q // local_kv
+
+
+class _LocalHeadsView:
+    """The attention module as seen by the backend after the exchange.
+
+    Backends read ``module.num_key_value_groups`` to repeat KV heads; after head sharding with KV
+    replication that count is the local one. A view avoids mutating the user's module at all (so
+    nothing can be left changed after ``remove()``); every other attribute is the module's own.
+    """
+
+    def __init__(self, module: nn.Module, num_key_value_groups: int) -> None:
+        self.__dict__["_module"] = module
+        self.__dict__["num_key_value_groups"] = num_key_value_groups
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_module"], name)
+
+
+def model_eager_function(attn_module: nn.Module) -> Callable:
+    """The model file's own ``eager_attention_forward`` (some add softcapping or sinks)."""
+    fn = getattr(sys.modules.get(type(attn_module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def backend_function(backend: str, attn_module: nn.Module) -> Callable:
+    """Resolve ``backend`` through transformers' AttentionInterface (eager from the model file)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if backend == "eager":
+        return model_eager_function(attn_module)
+    return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def check_backend(backend: str | None) -> str:
+    """Validate the model's attention implementation name for SP, naming the fix when refused."""
+    backend = backend or "eager"
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"attn_implementation={backend!r} is not supported under Ulysses SP. Load the model with "
+            f"attn_implementation set to one of {SUPPORTED_BACKENDS}."
+        )
+    return backend
+
+
+def make_ulysses_attention(
+    backend: str, layout: HeadLayout, get_context: Callable[[dict], "ForwardContext"]
+) -> Callable[..., tuple[Tensor, None]]:
+    """Build the attention function registered for one model.
+
+    The returned function has transformers' attention-interface signature:
+    ``fn(module, query, key, value, attention_mask, **kwargs) -> (attn_output, None)`` with
+    ``query: [batch, Hq, seq/sp, head_dim]``, ``key``/``value: [batch, Hkv, seq/sp, head_dim]``
+    (this rank's chunk) and ``attn_output: [batch, seq/sp, Hq, head_dim]``. Collectives run on the
+    SP group of the forward context.
+    """
+
+    def ulysses_attention(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        ctx = get_context(kwargs)
+        if attention_mask is not None:
+            # HF only hands us a mask it did not build itself (a user 4D mask): it describes the
+            # local chunk, and honouring it is impossible after the exchange.
+            raise ValueError(
+                "a prepared 4D attention_mask cannot be used under Ulysses SP; pass the 2D padding mask "
+                "[batch, seq] (and position_ids for packed documents) instead."
+            )
+        if query.shape[1] != layout.num_heads or key.shape[1] != layout.num_kv_heads:
+            raise ValueError(
+                f"attention got {query.shape[1]} query / {key.shape[1]} KV heads but the model config "
+                f"declares {layout.num_heads} / {layout.num_kv_heads}; Ulysses cannot shard this module."
+            )
+        ctx.attention_calls += 1
+        if layout.kv_repeat > 1:
+            key = key.repeat_interleave(layout.kv_repeat, dim=1)
+            value = value.repeat_interleave(layout.kv_repeat, dim=1)
+        q, k, v = heads_from_sequence([query, key, value], ctx.group)
+
+        sliding_window = kwargs.get("sliding_window")
+        causal = bool(kwargs.pop("is_causal", getattr(module, "is_causal", True)))
+        mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, q.dtype)
+        kwargs.update(extra)
+        # Backends that read positions (flash's packed-sequence detection) must see global ones.
+        kwargs["position_ids"] = ctx.metadata.position_ids
+        view = _LocalHeadsView(module, layout.local_kv_groups)
+        out, _ = backend_function(backend, module)(view, q, k, v, mask, **kwargs)
+        # out: [batch, seq, Hq/sp, head_dim] -> [batch, seq/sp, Hq, head_dim]
+        return sequence_from_heads(out, ctx.group), None
+
+    return ulysses_attention

@@ -1,0 +1,81 @@
+"""Sequence sharding of batches (DESIGN §2).
+
+Every rank of an SP group reads the same full-length sample; :func:`shard_batch` then prepares it
+on the full sequence and keeps this rank's chunk:
+
+1. ``shift_labels = labels[:, 1:]`` padded with -100 (so no target is lost at a chunk edge);
+2. ``position_ids = arange(seq)`` unless given (global positions);
+3. pad the sequence to a multiple of ``sp`` (labels -100, padding mask 0, positions continuing);
+4. keep chunk ``sp_rank``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .loss import shift_labels_full
+
+IGNORE_INDEX = -100
+SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "attention_mask", "position_ids", "inputs_embeds")
+
+
+def _pad_seq(x: Tensor, pad: int, value: float | int) -> Tensor:
+    if pad == 0:
+        return x
+    # F.pad pads from the last dim backwards; the sequence is dim 1.
+    spec = [0, 0] * (x.dim() - 2) + [0, pad]
+    return F.pad(x, spec, value=value)
+
+
+def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[str, Any]:
+    """Prepare a full-sequence batch and return SP rank ``sp_rank``'s contiguous chunk.
+
+    Args:
+        batch: ``input_ids [b, seq]`` (or ``inputs_embeds [b, seq, h]``), optionally ``labels``,
+            ``shift_labels``, ``attention_mask`` and ``position_ids`` (all ``[b, seq]``). Other entries
+            pass through unchanged.
+        sp_rank: this rank's index in its SP group.
+        sp_size: ``sp``.
+
+    Returns:
+        The same keys with every sequence tensor cut to ``[b, ceil(seq/sp)]`` (chunk ``sp_rank``
+        of the padded sequence), plus ``position_ids`` and, when labels are present,
+        ``shift_labels`` (shifted on the full sequence). ``labels`` is kept (its chunk) so HF
+        computes the loss.
+    """
+    out = dict(batch)
+    ref = out.get("input_ids")
+    if ref is None:
+        ref = out.get("inputs_embeds")
+    if ref is None:
+        raise ValueError("shard_batch needs 'input_ids' or 'inputs_embeds' in the batch.")
+    b, seq = ref.shape[:2]
+    if out.get("labels") is not None and out.get("shift_labels") is None:
+        out["shift_labels"] = shift_labels_full(out["labels"], IGNORE_INDEX)
+    if out.get("position_ids") is None:
+        out["position_ids"] = torch.arange(seq, device=ref.device).expand(b, seq)
+    else:
+        out["position_ids"] = out["position_ids"].expand(b, seq)
+    pad = (-seq) % sp_size
+    if pad:
+        last = out["position_ids"][:, -1:]
+        extra = last + torch.arange(1, pad + 1, device=ref.device)
+        out["position_ids"] = torch.cat([out["position_ids"], extra], dim=1)
+        if out.get("attention_mask") is None:
+            out["attention_mask"] = torch.ones(b, seq, dtype=torch.long, device=ref.device)
+    chunk = (seq + pad) // sp_size
+    lo = sp_rank * chunk
+    fill = {"labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX, "attention_mask": 0, "input_ids": 0}
+    for key in SEQUENCE_KEYS:
+        value = out.get(key)
+        if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] not in (seq, seq + pad):
+            continue
+        if value.shape[1] == seq:
+            value = _pad_seq(value, pad, fill.get(key, 0))
+        out[key] = value[:, lo : lo + chunk]
+    return out

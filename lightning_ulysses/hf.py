@@ -1,0 +1,311 @@
+"""Apply Ulysses SP to a HuggingFace model in place, reversibly: :func:`apply_ulysses`.
+
+What applying does, all of it per model and undone by :meth:`UlyssesHandle.remove`:
+
+* registers this model's Ulysses attention in transformers' ``AttentionInterface`` under a name
+  unique to the handle, and points the model config's attention implementation at it (the name is
+  not serialised by ``save_pretrained``). HF builds no mask for an unknown name, so no local mask
+  can be silently misapplied; masks are rebuilt for the full sequence (:mod:`.masks`);
+* wraps the model's ``forward`` (instance attribute) to gather the sequence metadata once per
+  forward — global positions, padding, labels — derive global ``position_ids`` and
+  ``shift_labels`` when the caller did not pass them, and hand a :class:`ForwardContext` to the
+  attention and loss through the model's ``**kwargs`` (so activation-checkpoint recomputation sees
+  the same context);
+* replaces the model's ``loss_function`` (instance attribute) by the exact SP token mean
+  (:mod:`.loss`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from .attention import HeadLayout, check_backend, make_ulysses_attention
+from .comm import gather_sequence
+from .loss import causal_lm_loss_sum, shift_labels_full, sp_mean
+from .masks import SequenceMetadata
+
+CONTEXT_KWARG = "ulysses_context"
+IGNORE_INDEX = -100
+_MISSING = object()
+_ids = itertools.count()
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward state shared by every layer's attention and by the loss.
+
+    Attributes:
+        group: the SP process group all collectives of this forward run on.
+        sp_rank: this rank's index in ``group`` (= its sequence chunk).
+        sp_size: ``sp``.
+        local_len: ``seq / sp`` tokens held by this rank.
+        metadata: full-sequence positions, padding and documents.
+        num_valid: labels that count toward the loss over the whole sequence (all SP ranks).
+    """
+
+    group: ProcessGroup
+    sp_rank: int
+    sp_size: int
+    local_len: int
+    metadata: SequenceMetadata
+    num_valid: int
+    attention_calls: int = 0
+    loss_calls: int = 0
+
+
+def _config_tree(config: Any) -> Iterator[Any]:
+    yield config
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            yield from _config_tree(sub)
+
+
+class UlyssesHandle:
+    """The result of :func:`apply_ulysses`; :meth:`remove` restores the model exactly.
+
+    Attributes:
+        model: the patched model.
+        group: its SP process group.
+        sp_size / sp_rank: size of ``group`` and this process's rank in it.
+        backend: the model's own attention implementation, run on the full sequence.
+        eval_mode: ``"sp"`` (eval runs sharded, like training) or ``"bypass"`` (in ``model.eval()``
+            the model runs unpatched on whatever full sequence it is given, e.g. for generation).
+    """
+
+    def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp") -> None:
+        if eval_mode not in ("sp", "bypass"):
+            raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "num_attention_heads"):
+            raise TypeError(f"apply_ulysses expects a transformers PreTrainedModel, got {type(model).__name__}.")
+        if getattr(config, "sub_configs", None):
+            raise NotImplementedError(
+                f"{type(model).__name__} is a composite model; apply Ulysses to its language model submodule."
+            )
+        if not dist.is_initialized():
+            raise RuntimeError("apply_ulysses needs torch.distributed to be initialised (the SP group's world).")
+        self.model = model
+        self.group = group
+        self.sp_size = dist.get_world_size(group)
+        self.sp_rank = dist.get_rank(group)
+        self.eval_mode = eval_mode
+        num_heads = config.num_attention_heads
+        num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+        self.layout = HeadLayout.validate(num_heads, num_kv, self.sp_size)
+        self.backend = check_backend(config._attn_implementation)
+        self.name = f"ulysses_{next(_ids)}"
+        self._bypass_depth = 0
+        self._current: ForwardContext | None = None
+        self._removed = False
+
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(self.name, make_ulysses_attention(self.backend, self.layout, self._context_from))
+        self._saved_attn = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
+        self._set_attn(self.name)
+
+        self._saved_forward = model.__dict__.get("forward", _MISSING)
+        self._orig_forward = model.forward
+        self._signature = inspect.signature(self._orig_forward)
+        self._var_kw = next(
+            (p.name for p in self._signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+        model.forward = self._forward
+
+        self._saved_loss = model.__dict__.get("_loss_function", _MISSING)
+        self._orig_loss = model.loss_function
+        model.loss_function = self._loss
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """True while the patch is applied and not bypassed."""
+        return not self._removed and self._bypass_depth == 0
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was (attention, forward, loss); idempotent."""
+        if self._removed:
+            return
+        from transformers.modeling_utils import AttentionInterface
+
+        model = self.model
+        for cfg, value in self._saved_attn:
+            cfg._attn_implementation_internal = value
+        if self._saved_forward is _MISSING:
+            del model.forward
+        else:
+            model.forward = self._saved_forward
+        if self._saved_loss is _MISSING:
+            del model._loss_function
+        else:
+            model._loss_function = self._saved_loss
+        AttentionInterface._global_mapping.pop(self.name, None)
+        self._current = None
+        self._removed = True
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Run the model unpatched inside the block (full sequences on every rank, no collectives)."""
+        self._bypass_depth += 1
+        self._set_attn(None)
+        try:
+            yield
+        finally:
+            self._bypass_depth -= 1
+            if self._bypass_depth == 0 and not self._removed:
+                self._set_attn(self.name)
+
+    def _set_attn(self, name: str | None) -> None:
+        for cfg, original in self._saved_attn:
+            cfg._attn_implementation_internal = name or original
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._bypass_depth or (self.eval_mode == "bypass" and not self.model.training):
+            with self.bypass():
+                return self._orig_forward(*args, **kwargs)
+        bound = self._signature.bind_partial(*args, **kwargs)
+        call = dict(bound.arguments)
+        if self._var_kw is not None:
+            call.update(call.pop(self._var_kw, {}))
+        ctx = self._prepare(call)
+        self._current = ctx
+        out = self._orig_forward(**call)
+        if ctx.attention_calls == 0:
+            raise RuntimeError(
+                f"{type(self.model).__name__} did not call its attention through transformers' AttentionInterface, "
+                "so Ulysses could not shard it; this model is not supported."
+            )
+        has_labels = call.get("labels") is not None
+        if has_labels and ctx.loss_calls == 0:
+            raise RuntimeError(
+                f"{type(self.model).__name__} computed its loss without `self.loss_function`; under SP that loss "
+                "would be a local, wrong value. Call the model without labels and use lightning_ulysses.loss."
+            )
+        return out
+
+    def _prepare(self, call: dict[str, Any]) -> ForwardContext:
+        ref = call.get("input_ids")
+        if ref is None:
+            ref = call.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("Ulysses SP needs input_ids or inputs_embeds of shape [batch, seq/sp].")
+        if call.get("past_key_values") is not None:
+            raise ValueError(
+                "a KV cache cannot be used under Ulysses SP (it would hold one chunk). Generate inside "
+                "`handle.bypass()` or apply with eval_mode='bypass'."
+            )
+        if "use_cache" in self._signature.parameters:
+            call["use_cache"] = False
+        b, s_local = ref.shape[:2]
+        device = ref.device
+
+        shapes = gather_sequence(torch.tensor([[b, s_local]], device=device), self.group, dim=0)
+        if not bool((shapes == shapes[0]).all()):
+            raise ValueError(
+                f"every SP rank must hold an equal-length chunk of the same batch; got [batch, seq/sp] = "
+                f"{shapes.tolist()}. Pad the full sequence to a multiple of sp before sharding "
+                "(lightning_ulysses.data.shard_batch does)."
+            )
+
+        mask = call.pop("attention_mask", None)
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("under Ulysses SP, attention_mask must be a 2D [batch, seq/sp] padding mask.")
+        positions = call.get("position_ids")
+        if positions is None:
+            # Global positions: local ones (0..s/sp-1 on every rank) silently corrupt RoPE.
+            positions = torch.arange(s_local, device=device) + self.sp_rank * s_local
+        positions = positions.expand(b, s_local)
+        call["position_ids"] = positions
+        shift = call.get("shift_labels")
+        labels = call.get("labels")
+        label_src = shift if shift is not None else labels
+        rows = [positions.long(), (mask if mask is not None else torch.ones_like(positions)).long()]
+        if label_src is not None:
+            rows.append(label_src.long().to(device))
+        full = gather_sequence(torch.stack(rows), self.group, dim=2)  # one collective: [rows, b, seq]
+
+        metadata = SequenceMetadata.from_gathered(full[0], full[1].bool() if mask is not None else None)
+        num_valid = 0
+        if label_src is not None:
+            shift_full = full[2] if shift is not None else shift_labels_full(full[2], IGNORE_INDEX)
+            num_valid = int((shift_full != IGNORE_INDEX).sum())
+            if shift is None:
+                lo = self.sp_rank * s_local
+                call["shift_labels"] = shift_full[:, lo : lo + s_local]
+        ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid)
+        call[CONTEXT_KWARG] = ctx
+        return ctx
+
+    def _context_from(self, kwargs: dict[str, Any]) -> ForwardContext:
+        ctx = kwargs.pop(CONTEXT_KWARG, None) or self._current
+        if ctx is None:
+            raise RuntimeError("Ulysses attention was called outside a Ulysses forward.")
+        return ctx
+
+    # -- loss ---------------------------------------------------------------------------------
+
+    def _loss(
+        self,
+        logits: Tensor,
+        labels: Tensor | None,
+        vocab_size: int,
+        num_items_in_batch: Tensor | int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        shift_labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        ctx = kwargs.pop(CONTEXT_KWARG, None)
+        if ctx is None:
+            return self._orig_loss(
+                logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index, shift_labels=shift_labels, **kwargs,
+            )
+        ctx.loss_calls += 1
+        local_sum = causal_lm_loss_sum(logits, shift_labels, ignore_index)
+        total = num_items_in_batch if num_items_in_batch is not None else ctx.num_valid
+        return sp_mean(local_sum, total, ctx.group)
+
+
+def apply_ulysses(
+    model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp"
+) -> UlyssesHandle:
+    """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
+
+    After this call every rank of ``sp_group`` calls the model with its own contiguous chunk
+    (rank ``r`` holds tokens ``[r*s/sp, (r+1)*s/sp)``)::
+
+        out = model(input_ids=[b, s/sp], position_ids=[b, s/sp] (global, optional),
+                    attention_mask=[b, s/sp] (padding, optional), labels=[b, s/sp] or
+                    shift_labels=[b, s/sp] (shifted on the full sequence))
+
+    and gets this chunk's logits ``[b, s/sp, vocab]`` and ``out.loss``: the exact token-mean loss of
+    the **whole** sequence, identical on every SP rank, whose gradient summed over the SP group is
+    ``sp x`` the non-SP gradient (the scale DDP's average over ``dp x sp`` ranks expects). Without
+    ``position_ids`` the global ones are derived; with only ``labels``, the shifted labels are built
+    on the gathered full sequence, so no target is lost at a chunk edge.
+
+    Args:
+        model: a transformers causal LM (``attn_implementation`` sdpa, eager, flex_attention or
+            flash_attention_2/3).
+        sp_group: the process group of the ranks that share one sequence.
+        eval_mode: ``"sp"`` runs eval sharded too; ``"bypass"`` runs ``model.eval()`` unpatched.
+
+    Raises:
+        ValueError: heads not divisible by ``sp``, unsupported attention backend, and the like,
+            with the numbers and the fix.
+    """
+    return UlyssesHandle(model, sp_group, eval_mode=eval_mode)
