@@ -79,3 +79,54 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[st
             value = _pad_seq(value, pad, fill.get(key, 0))
         out[key] = value[:, lo : lo + chunk]
     return out
+
+
+FINGERPRINT_KEY = "_ulysses_fingerprint"
+
+
+def batch_fingerprint(batch: Mapping[str, Any]) -> Tensor:
+    """A cheap ``[4]`` int64 summary of a full batch (shape and two weighted sums of the tokens).
+
+    SP peers compare fingerprints before the first collective of a step: if a sampler or an
+    iterable dataset handed them different samples, the all-to-all would stitch chunks of
+    unrelated sequences together and train on garbage without any error.
+    """
+    ref = batch.get("input_ids")
+    if ref is None:
+        ref = batch.get("inputs_embeds")
+    flat = ref.detach().reshape(ref.shape[0], ref.shape[1], -1).double().sum(-1).flatten()
+    w = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    sums = [(flat * w).sum(), (flat * w.flip(0)).sum()]
+    return torch.tensor([ref.shape[0], ref.shape[1], *[int(s.item()) % (2**61 - 1) for s in sums]], dtype=torch.long)
+
+
+class ShardingCollate:
+    """Wraps a DataLoader's ``collate_fn``: collate full samples, then keep this rank's chunk.
+
+    Runs inside DataLoader workers, so sharding costs the training loop nothing. The batch must be
+    a mapping (``input_ids``, ``labels``, ...); see :func:`shard_batch` for what is done to it.
+
+    Args:
+        collate_fn: the DataLoader's original collate function.
+        sp_rank: this rank's index in its SP group.
+        sp_size: ``sp``.
+        fingerprint: add :func:`batch_fingerprint` of the full batch under ``FINGERPRINT_KEY``.
+    """
+
+    def __init__(self, collate_fn: Any, sp_rank: int, sp_size: int, fingerprint: bool = True) -> None:
+        self.collate_fn = collate_fn
+        self.sp_rank = sp_rank
+        self.sp_size = sp_size
+        self.fingerprint = fingerprint
+
+    def __call__(self, samples: Any) -> dict[str, Any]:
+        batch = self.collate_fn(samples)
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"UlyssesStrategy shards dict batches (input_ids, labels, attention_mask, position_ids); the "
+                f"dataloader produced {type(batch).__name__}. Return a dict from your dataset or collate_fn."
+            )
+        out = shard_batch(batch, self.sp_rank, self.sp_size)
+        if self.fingerprint:
+            out[FINGERPRINT_KEY] = batch_fingerprint(batch)
+        return out

@@ -1,0 +1,252 @@
+"""What every Ulysses strategy does besides wrapping the model (DDP or FSDP2).
+
+* the DP×SP mesh and its groups, ranks and sizes;
+* the sampler over ``dp`` replicas and worker seeds by ``dp_rank`` (SP peers read the same samples);
+* the sharding collate swapped into train/val/test dataloaders, and a fingerprint check that SP
+  peers really hold the same batch;
+* Ulysses applied to every HF model of the LightningModule in ``setup`` and removed in ``teardown``;
+* ThroughputMonitor counting ``dp`` replicas, and checkpoints free of the patch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..comm import gather_sequence
+from ..data import FINGERPRINT_KEY, ShardingCollate
+from ..hf import UlyssesHandle, apply_ulysses
+from ..mesh import ParallelDims, build_mesh, validate_sp
+
+UNSUPPORTED_PRECISION = ("TransformerEnginePrecision", "BitsandbytesPrecision")
+
+
+def find_hf_models(module: nn.Module) -> list[nn.Module]:
+    """The outermost transformers ``PreTrainedModel`` instances inside ``module``."""
+    from transformers import PreTrainedModel
+
+    found: list[nn.Module] = []
+    for _, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel) and not any(sub in set(f.modules()) for f in found):
+            found.append(sub)
+    return found
+
+
+class UlyssesMixin:
+    """Sequence-parallel behaviour shared by :class:`UlyssesStrategy` and :class:`UlyssesFSDPStrategy`.
+
+    Must come before the Lightning strategy class in the bases.
+    """
+
+    def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool) -> None:
+        if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
+            raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
+        if eval_mode not in ("sp", "bypass"):
+            raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
+        self._sp_requested = sp
+        self._eval_mode = eval_mode
+        self._check_batches = check_batches
+        self._dims: ParallelDims | None = None
+        self._handles: list[UlyssesHandle] = []
+        self._collates: list[tuple[DataLoader, Any]] = []
+        self._throughput_patches: list[tuple[ThroughputMonitor, Any, dict]] = []
+
+    # -- sizes and groups ---------------------------------------------------------------------
+
+    @property
+    def sp_size(self) -> int:
+        """Sequence-parallel degree (``"auto"``: the processes per node)."""
+        return self.num_processes if self._sp_requested == "auto" else self._sp_requested
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        """Rank inside the SP group; SP groups are contiguous global ranks."""
+        return self.global_rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.global_rank // self.sp_size
+
+    @property
+    def device_mesh(self):
+        """The ``("dp", "sp")`` ``DeviceMesh`` (after ``setup_environment``)."""
+        return self._dims.mesh if self._dims is not None else None
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        return self._require_dims().sp_group
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self._require_dims().dp_group
+
+    def _require_dims(self) -> ParallelDims:
+        if self._dims is None:
+            raise RuntimeError("the DP x SP mesh exists only after the strategy's setup_environment().")
+        return self._dims
+
+    def _validate_world(self) -> None:
+        validate_sp(self.num_nodes * self.num_processes, self.sp_size, procs_per_node=self.num_processes)
+
+    def _build_mesh(self) -> None:
+        self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes)
+
+    def _predicting(self) -> bool:
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        return trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
+
+    # -- data ---------------------------------------------------------------------------------
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if self._predicting():  # predict bypasses SP: every rank may take distinct samples
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
+
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        if self._predicting():
+            return dataloader
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                f"UlyssesStrategy needs torch DataLoaders to shard sequences; got {type(dataloader).__name__}."
+            )
+        if isinstance(dataloader.dataset, IterableDataset) and self.dp_size > 1 and not getattr(
+            dataloader.dataset, "ulysses_dp_sharded", False
+        ):
+            raise ValueError(
+                "an IterableDataset under UlyssesStrategy with dp > 1 must give every rank of an SP group the same "
+                "samples and different samples to different DP groups: shard it by "
+                "`trainer.strategy.dp_rank` / `dp_size` (not the global rank), then set `ulysses_dp_sharded = True` "
+                "on the dataset. Or use a map-style Dataset, which the strategy shards for you."
+            )
+        if dataloader.worker_init_fn is None and int(os.environ.get("PL_SEED_WORKERS", 0)):
+            # Lightning would seed workers by global rank; SP peers must draw the same augmentations.
+            dataloader.worker_init_fn = partial(pl_worker_init_function, rank=self.dp_rank)
+        if not isinstance(dataloader.collate_fn, ShardingCollate):
+            self._collates.append((dataloader, dataloader.collate_fn))
+            dataloader.collate_fn = ShardingCollate(
+                dataloader.collate_fn, self.sp_rank, self.sp_size, fingerprint=self._check_batches
+            )
+        return dataloader
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if isinstance(batch, dict) and FINGERPRINT_KEY in batch:
+            batch = dict(batch)
+            self._check_same_batch(batch.pop(FINGERPRINT_KEY))
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    def _check_same_batch(self, fingerprint: torch.Tensor) -> None:
+        dims = self._require_dims()
+        if dims.sp_size == 1:
+            return
+        device = torch.device("cpu") if dist.get_backend(dims.sp_group) == "gloo" else self.root_device
+        seen = gather_sequence(fingerprint.to(device)[None], dims.sp_group, dim=0)
+        if not bool((seen == seen[0]).all()):
+            raise RuntimeError(
+                "ranks of one SP group received different batches, so Ulysses would stitch unrelated sequences "
+                "together. Use the strategy's sampler (map-style dataset, use_distributed_sampler=True) or shard "
+                "iterable datasets by trainer.strategy.dp_rank, and seed every rank identically."
+            )
+
+    # -- model --------------------------------------------------------------------------------
+
+    def _check_precision(self) -> None:
+        name = type(self.precision_plugin).__name__
+        if name in UNSUPPORTED_PRECISION:
+            raise ValueError(
+                f"precision plugin {name} is not supported by Ulysses SP (its layers bypass the attention "
+                "interface); use '32-true', 'bf16-mixed', 'bf16-true', '16-mixed' or '16-true'."
+            )
+
+    def _apply_ulysses(self, module: nn.Module) -> None:
+        if self._handles or self._predicting():
+            return
+        models = find_hf_models(module)
+        if not models:
+            raise ValueError(
+                "UlyssesStrategy found no transformers PreTrainedModel in the LightningModule; without one the "
+                "sharded sequences would be attended locally. Build the HF model in __init__ or configure_model."
+            )
+        self._handles = [apply_ulysses(m, self.sp_group, eval_mode=self._eval_mode) for m in models]
+        self.lightning_module._device_mesh = self.device_mesh
+
+    def _adapt_throughput(self, trainer: Any) -> None:
+        # ThroughputMonitor multiplies per-device rates by world size; under SP only dp replicas
+        # process distinct samples, and each rank sees seq/sp tokens of a sample.
+        sp, dp = self.sp_size, self.dp_size
+        for cb in trainer.callbacks:
+            if isinstance(cb, ThroughputMonitor):
+                saved = {stage: t.world_size for stage, t in cb._throughputs.items()}
+                self._throughput_patches.append((cb, cb.length_fn, saved))
+                for t in cb._throughputs.values():
+                    t.world_size = dp
+                if cb.length_fn is not None:
+                    cb.length_fn = partial(_scaled_length, cb.length_fn, sp)
+
+    def _remove_ulysses(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for loader, collate in self._collates:
+            loader.collate_fn = collate
+        self._collates = []
+        for cb, length_fn, saved in self._throughput_patches:
+            cb.length_fn = length_fn
+            for stage, world in saved.items():
+                if stage in cb._throughputs:
+                    cb._throughputs[stage].world_size = world
+        self._throughput_patches = []
+        if self.lightning_module is not None and self.lightning_module._device_mesh is self.device_mesh:
+            self.lightning_module._device_mesh = None
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _clean_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Replace HF configs in saved hyperparameters that still name this run's SP attention."""
+        names = {h.name: h for h in self._handles}
+        if not names:
+            return checkpoint
+        out = dict(checkpoint)
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in out:
+                out[key] = _restore_configs(out[key], names)
+        return out
+
+
+def _scaled_length(length_fn: Any, sp: int, batch: Any) -> int:
+    return length_fn(batch) * sp
+
+
+def _restore_configs(obj: Any, names: dict[str, UlyssesHandle]) -> Any:
+    from transformers import PretrainedConfig
+
+    if isinstance(obj, PretrainedConfig):
+        current = getattr(obj, "_attn_implementation_internal", None)
+        if current in names:
+            original = dict((id(c), v) for c, v in names[current]._saved_attn).get(id(obj))
+            obj = copy.deepcopy(obj)
+            obj._attn_implementation_internal = original
+        return obj
+    if isinstance(obj, dict):
+        new = copy.copy(obj)  # keeps AttributeDict and other dict subclasses
+        for k, v in obj.items():
+            new[k] = _restore_configs(v, names)
+        return new
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_restore_configs(v, names) for v in obj)
+    return obj

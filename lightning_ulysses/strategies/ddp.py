@@ -1,0 +1,99 @@
+"""``UlyssesStrategy``: DDP over all ``dp x sp`` ranks with Ulysses sequence parallelism."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import DDPStrategy
+from typing_extensions import override
+
+from .common import UlyssesMixin
+
+
+class UlyssesStrategy(UlyssesMixin, DDPStrategy):
+    """Ulysses sequence parallelism for HuggingFace models, on top of Lightning's DDP.
+
+    ``Trainer(strategy=UlyssesStrategy(sp=4), devices=8)`` builds a ``("dp", "sp")`` device mesh
+    (SP groups are contiguous ranks), applies Ulysses to every transformers ``PreTrainedModel`` in
+    the LightningModule for fit/validate/test, gives every rank of an SP group the same samples and
+    keeps this rank's sequence chunk of each batch. DDP reduces gradients over all ``dp x sp``
+    ranks, which together with the SP loss (DESIGN §4) reproduces a non-SP run exactly.
+
+    Args:
+        sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
+        eval_mode: ``"sp"`` runs validation/test sharded (exact, long-context safe);
+            ``"bypass"`` runs the models unpatched in eval mode on full sequences.
+        check_batches: compare a fingerprint of each batch across the SP group and raise if peers
+            received different samples (one tiny all-gather per step).
+        find_unused_parameters: passed to ``DistributedDataParallel``.
+        static_graph: passed to ``DistributedDataParallel``.
+        gradient_as_bucket_view: passed to ``DistributedDataParallel``.
+        process_group_backend: ``"nccl"``/``"gloo"``; default by device.
+        timeout: timeout of every process group (so a deadlock fails instead of hanging).
+        start_method: ``"popen"`` (script launcher), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+
+    The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
+    ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``. ``predict`` bypasses SP:
+    models run unpatched on full sequences and every rank takes distinct samples.
+    """
+
+    strategy_name = "ulysses"
+
+    def __init__(
+        self,
+        sp: int | Literal["auto"] = "auto",
+        eval_mode: Literal["sp", "bypass"] = "sp",
+        check_batches: bool = True,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        gradient_as_bucket_view: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            find_unused_parameters=find_unused_parameters,
+            static_graph=static_graph,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+        )
+        self._init_ulysses(sp, eval_mode, check_batches)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self._validate_world()  # in the launching process, before any worker starts
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        self._validate_world()
+        super().setup_environment()
+        self._build_mesh()
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        self._check_precision()
+        self._apply_ulysses(self.lightning_module)
+        super().setup(trainer)
+        self._adapt_throughput(trainer)
+
+    @override
+    def teardown(self) -> None:
+        self._remove_ulysses()
+        super().teardown()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        super().save_checkpoint(self._clean_checkpoint(checkpoint), filepath, storage_options=storage_options)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("ulysses", cls, description="Ulysses SP over DDP, sp = processes per node")
+        for sp in (2, 4, 8):
+            strategy_registry.register(f"ulysses_sp{sp}", cls, description=f"Ulysses SP over DDP with sp={sp}", sp=sp)
