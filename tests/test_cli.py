@@ -1,0 +1,45 @@
+"""The example through LightningCLI: YAML config, default (script) launcher, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.distributed import _DIST_ENV, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--trainer.devices=2", "--trainer.max_steps=2", "--data.seq_len=64", "--data.train_rows=4",
+         "--data.val_rows=0", "--model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+         "num_attention_heads: 4, num_key_value_heads: 2}", "--trainer.callbacks.init_args.every=1"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env["MASTER_PORT"] = str(free_port())
+    return subprocess.run([sys.executable, "examples/train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_fit_from_yaml_through_script_launcher():
+    res = _run("fit", "--config", "examples/configs/cpu_tiny.yaml", "--trainer.strategy.init_args.sp=2", *SMALL)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Starting with 2 processes" in res.stdout + res.stderr  # the script launcher started a second one
+    assert "step    2  loss" in res.stdout and "(sp=2, dp=1, seq=64)" in res.stdout
+
+
+def test_cli_strategy_by_registered_name():
+    res = _run("fit", "--config", "examples/configs/cpu_tiny.yaml", "--trainer.strategy=ulysses_sp2", *SMALL)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "(sp=2, dp=1, seq=64)" in res.stdout
+
+
+def test_cli_help_shows_strategy_arguments_not_ddp_internals():
+    res = _run("fit", "--trainer.strategy.help", "lightning_ulysses.UlyssesStrategy")
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = res.stdout
+    assert "--trainer.strategy.sp SP" in text and "--trainer.strategy.eval_mode" in text
+    for internal in ("ddp_comm_hook", "ddp_comm_state", "model_averaging_period", "parallel_devices",
+                     "cluster_environment"):
+        assert internal not in text, internal
