@@ -167,7 +167,8 @@ class PrintProgress(pl.Callback):
 
 
 def main() -> None:
-    LightningCLI(CausalLM, TextData, save_config_kwargs={"overwrite": True})
+    # No config.yaml written into the working directory: logger-less runs would litter it.
+    LightningCLI(CausalLM, TextData, save_config_callback=None)
 
 
 if __name__ == "__main__":
