@@ -3,10 +3,11 @@
 from .comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
 from .data import shard_batch
 from .hf import UlyssesHandle, apply_ulysses
-from .strategies import UlyssesStrategy
+from .strategies import UlyssesFSDPStrategy, UlyssesStrategy
 
 __all__ = [
     "UlyssesHandle",
+    "UlyssesFSDPStrategy",
     "UlyssesStrategy",
     "apply_ulysses",
     "gather_sequence",

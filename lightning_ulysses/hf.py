@@ -21,7 +21,6 @@ import contextlib
 import inspect
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -40,9 +39,11 @@ _MISSING = object()
 _ids = itertools.count()
 
 
-@dataclass
 class ForwardContext:
     """Per-forward state shared by every layer's attention and by the loss.
+
+    A plain class on purpose: wrappers that walk forward kwargs (FSDP2's mixed-precision input
+    cast, for one) rebuild dataclasses and containers, and the layers must all see this object.
 
     Attributes:
         group: the SP process group all collectives of this forward run on.
@@ -53,14 +54,19 @@ class ForwardContext:
         num_valid: labels that count toward the loss over the whole sequence (all SP ranks).
     """
 
-    group: ProcessGroup
-    sp_rank: int
-    sp_size: int
-    local_len: int
-    metadata: SequenceMetadata
-    num_valid: int
-    attention_calls: int = 0
-    loss_calls: int = 0
+    __slots__ = ("group", "sp_rank", "sp_size", "local_len", "metadata", "num_valid", "attention_calls",
+                 "loss_calls")
+
+    def __init__(self, group: ProcessGroup, sp_rank: int, sp_size: int, local_len: int,
+                 metadata: SequenceMetadata, num_valid: int) -> None:
+        self.group = group
+        self.sp_rank = sp_rank
+        self.sp_size = sp_size
+        self.local_len = local_len
+        self.metadata = metadata
+        self.num_valid = num_valid
+        self.attention_calls = 0
+        self.loss_calls = 0
 
 
 def _config_tree(config: Any) -> Iterator[Any]:

@@ -3,7 +3,9 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from .ddp import UlyssesStrategy
+from .fsdp import UlyssesFSDPStrategy
 
 UlyssesStrategy.register_strategies(StrategyRegistry)
+UlyssesFSDPStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["UlyssesStrategy"]
+__all__ = ["UlyssesFSDPStrategy", "UlyssesStrategy"]

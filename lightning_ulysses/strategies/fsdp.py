@@ -1,0 +1,173 @@
+"""``UlyssesFSDPStrategy``: FSDP2 (``fully_shard``) over the DP×SP mesh with Ulysses SP."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing_extensions import override
+
+from ..checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
+from .common import UlyssesMixin, find_hf_models
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
+    """Ulysses sequence parallelism with parameters sharded by FSDP2.
+
+    Same contract as :class:`~lightning_ulysses.UlyssesStrategy` (mesh, sampler, sharding collate,
+    exact loss and logging); the model is sharded with ``torch.distributed.fsdp.fully_shard``
+    instead of being replicated by DDP. Without a user ``configure_model`` that already applied
+    ``fully_shard``, every HF decoder layer (the model's ``_no_split_modules``) and then each HF
+    model are sharded automatically.
+
+    Args:
+        sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
+        sharding: ``"full"`` shards parameters over all ``dp x sp`` ranks (ZeRO-3);
+            ``"hybrid"`` shards within each SP group and replicates across DP groups (HSDP).
+        param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` dtypes (``"bfloat16"``,
+            ``"float16"``, ``"float32"``); ``None`` keeps the parameters' dtype.
+        activation_checkpointing: checkpoint every decoder layer (non-reentrant).
+        offload_activations: with checkpointing, keep each layer's input on the CPU between
+            forward and backward.
+        reshard_after_forward: FSDP2's option; ``False`` trades memory for one all-gather less.
+        eval_mode / check_batches: as in :class:`~lightning_ulysses.UlyssesStrategy`.
+        save_distributed_checkpoint: ``True`` writes a sharded (DCP) checkpoint folder; ``False``
+            gathers a single full checkpoint file on rank 0.
+        process_group_backend / timeout: as in Lightning.
+    """
+
+    strategy_name = "ulysses_fsdp"
+
+    def __init__(
+        self,
+        sp: int | Literal["auto"] = "auto",
+        sharding: Literal["full", "hybrid"] = "full",
+        param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        reduce_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        activation_checkpointing: bool = False,
+        offload_activations: bool = False,
+        reshard_after_forward: bool = True,
+        eval_mode: Literal["sp", "bypass"] = "sp",
+        check_batches: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        if sharding not in ("full", "hybrid"):
+            raise ValueError(f"sharding must be 'full' or 'hybrid', got {sharding!r}.")
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value is not None and value not in _DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None, got {value!r}.")
+        if offload_activations and not activation_checkpointing:
+            raise ValueError("offload_activations offloads the checkpointed layer inputs: set activation_checkpointing=True.")
+        self._sharding = sharding
+        self._param_dtype = param_dtype
+        self._reduce_dtype = reduce_dtype
+        self._activation_checkpointing = activation_checkpointing
+        self._offload_activations = offload_activations
+        self._reshard_after_forward = reshard_after_forward
+        self._ac_handles: list[CheckpointHandle] = []
+        self._init_ulysses(sp, eval_mode, check_batches)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self._validate_world()
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        self._validate_world()
+        ParallelStrategy.setup_environment(self)
+        self._setup_distributed()
+        self._build_mesh()
+        self._device_mesh = self._dims.mesh
+        self.lightning_module._device_mesh = self._device_mesh
+
+    def _shard_mesh(self) -> DeviceMesh:
+        if self._sharding == "hybrid":
+            return self._dims.mesh  # 2D: replicate over "dp", shard over "sp"
+        return init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("fsdp",))
+
+    def _shard(self, module: nn.Module) -> None:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in module.modules()):
+            return  # the user's configure_model sharded it (or a previous stage did)
+        mesh = self._shard_mesh()
+        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self._reshard_after_forward}
+        if self._param_dtype or self._reduce_dtype:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=_DTYPES.get(self._param_dtype), reduce_dtype=_DTYPES.get(self._reduce_dtype)
+            )
+        models = find_hf_models(module)
+        covered = {p for m in models for p in m.parameters()}
+        stray = [n for n, p in module.named_parameters() if p.requires_grad and p not in covered]
+        if stray:
+            raise ValueError(
+                f"parameters outside the HF model would not be sharded nor have gradients reduced: {stray[:5]}. "
+                "Shard them yourself in configure_model with torch.distributed.fsdp.fully_shard."
+            )
+        for model in models:
+            for layer in decoder_layers(model):
+                fully_shard(layer, **kwargs)
+            fully_shard(model, **kwargs)
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            raise TypeError(
+                "found modules wrapped in FSDP1 (FullyShardedDataParallel); UlyssesFSDPStrategy uses FSDP2: apply "
+                "torch.distributed.fsdp.fully_shard in configure_model, or let the strategy shard for you."
+            )
+        self._check_precision()
+        self._apply_ulysses(self.lightning_module)
+        if self._activation_checkpointing and not self._ac_handles and trainer.state.fn == TrainerFn.FITTING:
+            self._ac_handles = [checkpoint_decoder_layers(m, offload=self._offload_activations)
+                                for m in find_hf_models(self.lightning_module)]
+        self._shard(self.lightning_module)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._adapt_throughput(trainer)
+
+    @override
+    def teardown(self) -> None:
+        self._remove_ulysses()
+        for handle in self._ac_handles:
+            handle.remove()
+        self._ac_handles = []
+        super().teardown()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        super().save_checkpoint(self._clean_checkpoint(checkpoint), filepath, storage_options=storage_options)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("ulysses_fsdp", cls, description="Ulysses SP over FSDP2, sp = processes per node")
+        for sp in (2, 4, 8):
+            strategy_registry.register(f"ulysses_fsdp_sp{sp}", cls, description=f"Ulysses SP over FSDP2, sp={sp}", sp=sp)
