@@ -1,11 +1,20 @@
 """lightning-ulysses: Ulysses sequence parallelism for HuggingFace models in PyTorch Lightning."""
 
+from .callbacks import TiledLossCallback
 from .comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
 from .data import shard_batch
 from .hf import UlyssesHandle, apply_ulysses
 from .strategies import UlyssesFSDPStrategy, UlyssesStrategy
+from .tiled import SequenceTiledCompute, TiledMLP, sequence_tiled_compute, tile_mlps
+from .tiled_loss import apply_tiled_loss
 
 __all__ = [
+    "SequenceTiledCompute",
+    "TiledLossCallback",
+    "TiledMLP",
+    "apply_tiled_loss",
+    "sequence_tiled_compute",
+    "tile_mlps",
     "UlyssesHandle",
     "UlyssesFSDPStrategy",
     "UlyssesStrategy",

@@ -32,6 +32,7 @@ from .attention import HeadLayout, check_backend, make_ulysses_attention
 from .comm import gather_sequence
 from .loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from .masks import SequenceMetadata
+from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
 
 CONTEXT_KWARG = "ulysses_context"
 IGNORE_INDEX = -100
@@ -121,13 +122,9 @@ class UlyssesHandle:
         self._saved_attn = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
         self._set_attn(self.name)
 
-        self._saved_forward = model.__dict__.get("forward", _MISSING)
-        self._orig_forward = model.forward
-        self._signature = inspect.signature(self._orig_forward)
-        self._var_kw = next(
-            (p.name for p in self._signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
-        )
-        model.forward = self._forward
+        self._signature = inspect.signature(base_forward(model))
+        # Outermost: inner wrappers (the tiled loss) see the prepared SP kwargs.
+        self._forward_token = add_forward_wrapper(model, self._forward, priority=100)
 
         self._saved_loss = model.__dict__.get("_loss_function", _MISSING)
         self._orig_loss = model.loss_function
@@ -149,10 +146,7 @@ class UlyssesHandle:
         model = self.model
         for cfg, value in self._saved_attn:
             cfg._attn_implementation_internal = value
-        if self._saved_forward is _MISSING:
-            del model.forward
-        else:
-            model.forward = self._saved_forward
+        remove_forward_wrapper(model, self._forward_token)
         if self._saved_loss is _MISSING:
             del model._loss_function
         else:
@@ -179,17 +173,14 @@ class UlyssesHandle:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, next_forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._bypass_depth or (self.eval_mode == "bypass" and not self.model.training):
             with self.bypass():
-                return self._orig_forward(*args, **kwargs)
-        bound = self._signature.bind_partial(*args, **kwargs)
-        call = dict(bound.arguments)
-        if self._var_kw is not None:
-            call.update(call.pop(self._var_kw, {}))
+                return next_forward(*args, **kwargs)
+        call = bind_call(self._signature, args, kwargs)
         ctx = self._prepare(call)
         self._current = ctx
-        out = self._orig_forward(**call)
+        out = next_forward(**call)
         if ctx.attention_calls == 0:
             raise RuntimeError(
                 f"{type(self.model).__name__} did not call its attention through transformers' AttentionInterface, "
@@ -284,6 +275,17 @@ class UlyssesHandle:
         local_sum = causal_lm_loss_sum(logits, shift_labels, ignore_index)
         total = num_items_in_batch if num_items_in_batch is not None else ctx.num_valid
         return sp_mean(local_sum, total, ctx.group)
+
+
+def find_hf_models(module: nn.Module) -> list[nn.Module]:
+    """The outermost transformers ``PreTrainedModel`` instances inside ``module`` (itself included)."""
+    from transformers import PreTrainedModel
+
+    found: list[nn.Module] = []
+    for _, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel) and not any(sub in set(f.modules()) for f in found):
+            found.append(sub)
+    return found
 
 
 def apply_ulysses(

@@ -25,21 +25,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..comm import gather_sequence
 from ..data import FINGERPRINT_KEY, ShardingCollate
-from ..hf import UlyssesHandle, apply_ulysses
+from ..hf import UlyssesHandle, apply_ulysses, find_hf_models
 from ..mesh import ParallelDims, build_mesh, validate_sp
 
 UNSUPPORTED_PRECISION = ("TransformerEnginePrecision", "BitsandbytesPrecision")
-
-
-def find_hf_models(module: nn.Module) -> list[nn.Module]:
-    """The outermost transformers ``PreTrainedModel`` instances inside ``module``."""
-    from transformers import PreTrainedModel
-
-    found: list[nn.Module] = []
-    for _, sub in module.named_modules():
-        if isinstance(sub, PreTrainedModel) and not any(sub in set(f.modules()) for f in found):
-            found.append(sub)
-    return found
 
 
 class UlyssesMixin:

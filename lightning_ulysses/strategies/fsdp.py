@@ -18,7 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from typing_extensions import override
 
 from ..checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
-from .common import UlyssesMixin, find_hf_models
+from ..hf import find_hf_models
+from .common import UlyssesMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
