@@ -159,7 +159,8 @@ def make_ulysses_attention(
         # Backends that read positions (flash's packed-sequence detection) must see global ones.
         kwargs["position_ids"] = ctx.metadata.position_ids
         view = _LocalHeadsView(module, layout.local_kv_groups)
-        out, _ = backend_function(backend, module)(view, q, k, v, mask, **kwargs)
+        with torch.profiler.record_function(f"ulysses/attention/{backend}"):
+            out, _ = backend_function(backend, module)(view, q, k, v, mask, **kwargs)
         # out: [batch, seq, Hq/sp, head_dim] -> [batch, seq/sp, Hq, head_dim]
         return sequence_from_heads(out, ctx.group), None
 
