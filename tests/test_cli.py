@@ -43,3 +43,10 @@ def test_cli_help_shows_strategy_arguments_not_ddp_internals():
     for internal in ("ddp_comm_hook", "ddp_comm_state", "model_averaging_period", "parallel_devices",
                      "cluster_environment"):
         assert internal not in text, internal
+
+
+def test_gpu_config_parses():
+    """The 8-GPU config cannot run here, but every key in it must be valid for the CLI."""
+    res = _run("fit", "--config", "examples/configs/llama8b_8gpu.yaml", "--print_config")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "lightning_ulysses.UlyssesFSDPStrategy" in res.stdout and "TiledLossCallback" in res.stdout
