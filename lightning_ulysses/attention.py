@@ -69,17 +69,35 @@ class HeadLayout:
         return local_q // local_kv
 
 
+class _BackendConfigView:
+    """The model config as the backend must see it: naming the backend itself.
+
+    Under the patch the config names this model's Ulysses function; HF's flash path reads
+    ``module.config._attn_implementation`` to choose its kernel, so it must see e.g.
+    ``"flash_attention_2"`` instead.
+    """
+
+    def __init__(self, config: Any, backend: str) -> None:
+        self.__dict__["_config"] = config
+        self.__dict__["_attn_implementation"] = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_config"], name)
+
+
 class _LocalHeadsView:
     """The attention module as seen by the backend after the exchange.
 
     Backends read ``module.num_key_value_groups`` to repeat KV heads; after head sharding with KV
-    replication that count is the local one. A view avoids mutating the user's module at all (so
-    nothing can be left changed after ``remove()``); every other attribute is the module's own.
+    replication that count is the local one, and ``module.config`` must name the backend. A view
+    avoids mutating the user's module at all (so nothing can be left changed after ``remove()``);
+    every other attribute is the module's own.
     """
 
-    def __init__(self, module: nn.Module, num_key_value_groups: int) -> None:
+    def __init__(self, module: nn.Module, num_key_value_groups: int, backend: str) -> None:
         self.__dict__["_module"] = module
         self.__dict__["num_key_value_groups"] = num_key_value_groups
+        self.__dict__["config"] = _BackendConfigView(module.config, backend)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_module"], name)
@@ -158,7 +176,7 @@ def make_ulysses_attention(
         kwargs.update(extra)
         # Backends that read positions (flash's packed-sequence detection) must see global ones.
         kwargs["position_ids"] = ctx.metadata.position_ids
-        view = _LocalHeadsView(module, layout.local_kv_groups)
+        view = _LocalHeadsView(module, layout.local_kv_groups, backend)
         with torch.profiler.record_function(f"ulysses/attention/{backend}"):
             out, _ = backend_function(backend, module)(view, q, k, v, mask, **kwargs)
         # out: [batch, seq, Hq/sp, head_dim] -> [batch, seq/sp, Hq, head_dim]

@@ -208,3 +208,19 @@ def _errors(rank, world, case):
 @pytest.mark.parametrize("case", ["heads", "kv", "backend", "mask4d", "cache", "uneven"])
 def test_bad_layouts_and_inputs_raise(case):
     run_distributed(_errors, WORLD, case)
+
+
+def test_backend_sees_its_own_name_and_local_groups():
+    """HF's flash path picks its kernel from module.config._attn_implementation: under the patch the
+    backend must see e.g. 'flash_attention_2', not the Ulysses name, and the local GQA group count."""
+    from lightning_ulysses.attention import _LocalHeadsView
+
+    model = tiny_model("llama", 8, 2)
+    attn = model.model.layers[0].self_attn
+    model.config._attn_implementation = "ulysses_test"
+    view = _LocalHeadsView(attn, 4, "flash_attention_2")
+    assert view.config._attn_implementation == "flash_attention_2"
+    assert view.config.hidden_size == model.config.hidden_size and view.layer_idx == 0
+    assert view.num_key_value_groups == 4 and attn.num_key_value_groups == 4
+    view = _LocalHeadsView(attn, 1, "sdpa")
+    assert view.num_key_value_groups == 1 and attn.num_key_value_groups == 4  # the module is untouched
