@@ -45,6 +45,14 @@ def _assert_grads(actual: torch.Tensor, expected: torch.Tensor, name: str) -> No
         assert grad_ratio(actual, expected) == pytest.approx(1.0, abs=1e-5), name
 
 
+def _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp):
+    """Output, input gradient and every parameter gradient of the tiled run equal the untiled ones."""
+    assert_close_rel(out, ref, name="output")
+    _assert_grads(tiled_x, x.grad, "x")
+    for name, p in mlp.named_parameters():
+        _assert_grads(tiled_p[name], p.grad, name)
+
+
 def _param_grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters()}
 
@@ -101,10 +109,7 @@ def test_parity_explicit_params(batch: int, seq: int, shards: int, reduction: st
     ref = {None: ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
     ref.backward(upstream)
 
-    assert_close_rel(out, ref, name="output")
-    _assert_grads(tiled_x, x.grad, "x")
-    for name, p in mlp.named_parameters():
-        _assert_grads(tiled_p[name], p.grad, name)
+    _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp)
 
 
 @pytest.mark.parametrize("batch,seq,shards", [(1, 13, 4), (2, 3, 5)])
@@ -123,10 +128,7 @@ def test_parity_compute_params_none_module(batch: int, seq: int, shards: int) ->
     mlp.zero_grad(set_to_none=True)
     ref = mlp(x).mean()
     ref.backward()
-    assert_close_rel(out, ref, name="output")
-    _assert_grads(tiled_x, x.grad, "x")
-    for name, p in mlp.named_parameters():
-        _assert_grads(tiled_p[name], p.grad, name)
+    _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp)
 
 
 def test_parity_compute_params_none_closure() -> None:
@@ -173,10 +175,7 @@ def test_unshard_dimension_zero(reduction: str | None) -> None:
     per_tile = torch.stack([fn(t) for t in x.tensor_split(shards, dim=1)])
     ref = {None: per_tile, "mean": per_tile.mean(), "sum": per_tile.sum()}[reduction]
     ref.backward(upstream)
-    assert_close_rel(out, ref, name="output")
-    _assert_grads(tiled_x, x.grad, "x")
-    for name, p in mlp.named_parameters():
-        _assert_grads(tiled_p[name], p.grad, name)
+    _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp)
 
 
 def test_mean_is_exact_over_uneven_tiles() -> None:
@@ -481,10 +480,7 @@ def test_tiled_mlp_module() -> None:
     mlp.zero_grad(set_to_none=True)
     ref = mlp(x)
     ref.backward(upstream)
-    assert_close_rel(out, ref, name="output")
-    _assert_grads(tiled_x, x.grad, "x")
-    for name, p in mlp.named_parameters():
-        _assert_grads(tiled_p[name], p.grad, name)
+    _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp)
 
 
 # --------------------------------------------------------------------------------------------------
