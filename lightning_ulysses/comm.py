@@ -50,6 +50,8 @@ def heads_from_sequence(tensors: Sequence[Tensor], group: ProcessGroup) -> list[
     Returns:
         One tensor per input, ``[batch, heads_i/sp, seq, head_dim]``: this rank's head slice
         (heads ``[r*heads_i/sp, (r+1)*heads_i/sp)``) over the full sequence, chunks in rank order.
+        The results are strided views of the receive buffer (last dim contiguous) — for
+        ``batch == 1`` no copy is made after the exchange; backends take strided inputs.
     """
     sp = dist.get_world_size(group)
     b, _, s_local, d = tensors[0].shape
@@ -58,17 +60,19 @@ def heads_from_sequence(tensors: Sequence[Tensor], group: ProcessGroup) -> list[
     for x in tensors:
         h = x.shape[1] // sp
         local_heads.append(h)
-        # [b, H, s/sp, d] -> [sp, b, H/sp, s/sp, d]: dim 0 is the destination rank.
-        parts.append(x.reshape(b, sp, h, s_local, d).transpose(0, 1))
-    # One cat produces the contiguous send buffer; it is the only copy on the way out.
-    send = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
-    recv = _all_to_all(send, group)  # [sp (source = sequence chunk), b, sum(H_i/sp), s/sp, d]
+        # [b, H, s/sp, d] -> [sp, b, s/sp, H/sp, d] by views only: dim 0 is the destination rank,
+        # and the order inside matches the projections' physical [b, s, H, d] layout.
+        parts.append(x.transpose(1, 2).unflatten(2, (sp, h)).permute(2, 0, 1, 3, 4))
+    # The one copy on the way out: the contiguous send buffer [sp, b, s/sp, sum(H_i/sp), d].
+    send = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
+    recv = _all_to_all(send, group)  # [sp (source = sequence chunk), b, s/sp, sum(H_i/sp), d]
     outs = []
     offset = 0
     for h in local_heads:
-        y = recv[:, :, offset : offset + h]
+        y = recv[:, :, :, offset : offset + h]  # [sp, b, s/sp, h, d]
         offset += h
-        outs.append(y.permute(1, 2, 0, 3, 4).reshape(b, h, sp * s_local, d))
+        # chunks in rank order along the sequence: a view when b == 1, one copy otherwise
+        outs.append(y.transpose(0, 1).reshape(b, sp * s_local, h, d).transpose(1, 2))
     return outs
 
 
