@@ -100,3 +100,21 @@ def test_sharded_batch_for_known_input():
     assert torch.equal(shards[0][FINGERPRINT_KEY], shards[1][FINGERPRINT_KEY])
     with pytest.raises(TypeError, match="dict batches"):
         ShardingCollate(lambda x: x, 0, 2)((ids, ids))
+
+
+def _bypass_eval(rank, world):
+    lm = LM()
+    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=2, eval_mode="bypass"), max_steps=4, **trainer_kwargs())
+    trainer.fit(lm, train_dataloaders=loader(Samples(8, 30)), val_dataloaders=loader(Samples(4, 30, seed=5)))
+    return trainer.callback_metrics["val_loss"].item(), {k: v.clone() for k, v in lm.state_dict().items()}
+
+
+def test_eval_mode_bypass_validates_full_sequences_exactly():
+    """In bypass mode validation runs the unpatched model: its batches must not be sharded."""
+    results = run_distributed(_bypass_eval, 4)
+    ref = LM()
+    reference_fit(ref, Samples(8, 30), 4, dp=2)
+    for val_loss, state in results:
+        for k, v in ref.state_dict().items():
+            assert_close_rel(state[k], v, name=k)
+        assert val_loss == pytest.approx(reference_eval(ref, Samples(4, 30, seed=5)), rel=1e-5)

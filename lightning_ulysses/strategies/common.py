@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -94,21 +94,27 @@ class UlyssesMixin:
     def _build_mesh(self) -> None:
         self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes)
 
-    def _predicting(self) -> bool:
+    def _sp_bypassed(self) -> bool:
+        """True while the current stage runs the models unpatched on full sequences: predict, and
+        validation/test with ``eval_mode="bypass"``."""
         trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
-        return trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
+        if trainer is None:
+            return False
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            return True
+        return self._eval_mode == "bypass" and trainer.state.stage != RunningStage.TRAINING
 
     # -- data ---------------------------------------------------------------------------------
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        if self._predicting():  # predict bypasses SP: every rank may take distinct samples
+        if self._sp_bypassed():  # full sequences, no SP peers: every rank may take distinct samples
             return {"num_replicas": self.world_size, "rank": self.global_rank}
         return {"num_replicas": self.dp_size, "rank": self.dp_rank}
 
     def process_dataloader(self, dataloader: object) -> object:
         dataloader = super().process_dataloader(dataloader)
-        if self._predicting():
+        if self._sp_bypassed():
             return dataloader
         if not isinstance(dataloader, DataLoader):
             raise TypeError(
@@ -163,7 +169,8 @@ class UlyssesMixin:
             )
 
     def _apply_ulysses(self, module: nn.Module) -> None:
-        if self._handles or self._predicting():
+        trainer = self.lightning_module._trainer
+        if self._handles or (trainer is not None and trainer.state.fn == TrainerFn.PREDICTING):
             return
         models = find_hf_models(module)
         if not models:
