@@ -59,7 +59,7 @@ class ForwardContext:
                  "loss_calls")
 
     def __init__(self, group: ProcessGroup, sp_rank: int, sp_size: int, local_len: int,
-                 metadata: SequenceMetadata, num_valid: int) -> None:
+                 metadata: SequenceMetadata, num_valid: Tensor | int) -> None:
         self.group = group
         self.sp_rank = sp_rank
         self.sp_size = sp_size
@@ -236,10 +236,10 @@ class UlyssesHandle:
         full = gather_sequence(torch.stack(rows), self.group, dim=2)  # one collective: [rows, b, seq]
 
         metadata = SequenceMetadata.from_gathered(full[0], full[1].bool() if mask is not None else None)
-        num_valid = 0
+        num_valid: Tensor | int = 0
         if label_src is not None:
             shift_full = full[2] if shift is not None else shift_labels_full(full[2], IGNORE_INDEX)
-            num_valid = int((shift_full != IGNORE_INDEX).sum())
+            num_valid = (shift_full != IGNORE_INDEX).sum()  # a tensor: no host sync on GPUs
             if shift is None:
                 lo = self.sp_rank * s_local
                 call["shift_labels"] = shift_full[:, lo : lo + s_local]
