@@ -5,8 +5,13 @@ on the full sequence and keeps this rank's chunk:
 
 1. ``shift_labels = labels[:, 1:]`` padded with -100 (so no target is lost at a chunk edge);
 2. ``position_ids = arange(seq)`` unless given (global positions);
-3. pad the sequence to a multiple of ``sp`` (labels -100, padding mask 0, positions continuing);
+3. pad the sequence to a multiple of ``sp`` (labels -100, positions continuing). No padding mask is
+   invented for this padding: it follows every real token, so causal attention never sees it —
+   and leaving the mask out keeps sdpa on its fused causal path and packed rows valid for flash;
 4. keep chunk ``sp_rank``.
+
+Targets predicted *from* a padding position (with left padding: the first real token) are
+ignored: such a query has no real token to attend to, and its value depends on the backend.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[st
     b, seq = ref.shape[:2]
     if out.get("labels") is not None and out.get("shift_labels") is None:
         out["shift_labels"] = shift_labels_full(out["labels"], IGNORE_INDEX)
+    if out.get("shift_labels") is not None and out.get("attention_mask") is not None:
+        out["shift_labels"] = out["shift_labels"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
     if out.get("position_ids") is None:
         out["position_ids"] = torch.arange(seq, device=ref.device).expand(b, seq)
     else:
@@ -66,8 +73,6 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[st
         last = out["position_ids"][:, -1:]
         extra = last + torch.arange(1, pad + 1, device=ref.device)
         out["position_ids"] = torch.cat([out["position_ids"], extra], dim=1)
-        if out.get("attention_mask") is None:
-            out["attention_mask"] = torch.ones(b, seq, dtype=torch.long, device=ref.device)
     chunk = (seq + pad) // sp_size
     lo = sp_rank * chunk
     fill = {"labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX, "attention_mask": 0, "input_ids": 0}

@@ -239,8 +239,11 @@ class UlyssesHandle:
         num_valid: Tensor | int = 0
         if label_src is not None:
             shift_full = full[2] if shift is not None else shift_labels_full(full[2], IGNORE_INDEX)
+            if mask is not None:
+                # A padding query attends to no real token; what it "predicts" is backend noise.
+                shift_full = shift_full.masked_fill(full[1] == 0, IGNORE_INDEX)
             num_valid = (shift_full != IGNORE_INDEX).sum()  # a tensor: no host sync on GPUs
-            if shift is None:
+            if shift is None or mask is not None:
                 lo = self.sp_rank * s_local
                 call["shift_labels"] = shift_full[:, lo : lo + s_local]
         ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid)

@@ -133,7 +133,7 @@ class SequenceMetadata:
             return self._cache[key], {}
         if backend == FLEX:
             return self._block_mask(sliding_window, causal), {}
-        if backend.startswith(FLASH_PREFIX):
+        if backend in SUPPORTED_BACKENDS and backend.startswith(FLASH_PREFIX):
             return self._flash(sliding_window, causal)
         raise ValueError(
             f"attention backend {backend!r} is not supported under Ulysses SP; "

@@ -94,8 +94,12 @@ def test_sharded_batch_for_known_input():
     assert shards[1]["shift_labels"].tolist() == [[16, 17, -100, -100]]
     assert shards[0]["labels"].tolist() == [[11, 12, 13, 14]]
     assert shards[1]["labels"].tolist() == [[15, 16, 17, -100]]
-    assert shards[0]["attention_mask"].tolist() == [[1, 1, 1, 1]]
-    assert shards[1]["attention_mask"].tolist() == [[1, 1, 1, 0]]
+    # no padding mask is invented for the SP padding: causal attention never reaches it
+    assert "attention_mask" not in shards[0] and "attention_mask" not in shards[1]
+    masked = ShardingCollate(lambda x: x, 1, 2)({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1]])})
+    assert masked["attention_mask"].tolist() == [[1, 1, 1, 0]]
+    left = ShardingCollate(lambda x: x, 0, 2)({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1]])})
+    assert left["shift_labels"].tolist() == [[-100, 13, 14, 15]]  # nothing predicted from the pad
     assert shards[0]["doc"].tolist() == [5] and shards[1]["doc"].tolist() == [5]
     assert torch.equal(shards[0][FINGERPRINT_KEY], shards[1][FINGERPRINT_KEY])
     with pytest.raises(TypeError, match="dict batches"):
