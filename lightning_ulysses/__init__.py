@@ -4,11 +4,15 @@ from .callbacks import TiledLossCallback
 from .comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
 from .data import shard_batch
 from .hf import UlyssesHandle, apply_ulysses
+from .packing import PackedDataset, PackingCollator, pack_documents
 from .strategies import UlyssesFSDPStrategy, UlyssesStrategy
 from .tiled import SequenceTiledCompute, TiledMLP, sequence_tiled_compute, tile_mlps
 from .tiled_loss import apply_tiled_loss
 
 __all__ = [
+    "PackedDataset",
+    "PackingCollator",
+    "pack_documents",
     "SequenceTiledCompute",
     "TiledLossCallback",
     "TiledMLP",
