@@ -110,6 +110,11 @@ class UlyssesHandle:
         num_heads = config.num_attention_heads
         num_kv = getattr(config, "num_key_value_heads", None) or num_heads
         self.layout = HeadLayout.validate(num_heads, num_kv, self.sp_size)
+        if str(config._attn_implementation).startswith("ulysses_"):
+            raise ValueError(
+                f"{type(model).__name__} already has Ulysses applied; call remove() on its handle before applying "
+                "again (the Ulysses strategies apply it for you in setup)."
+            )
         self.backend = check_backend(config._attn_implementation)
         self.name = f"ulysses_{next(_ids)}"
         self._bypass_depth = 0

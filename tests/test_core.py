@@ -182,6 +182,12 @@ def _errors(rank, world, case):
     elif case == "kv":
         with pytest.raises(ValueError, match=r"num_key_value_heads=3 and sp=4"):
             apply_ulysses(tiny_model("llama", 12, 3), dims.sp_group)
+    elif case == "twice":
+        model = tiny_model("llama", 4, 4)
+        handle = apply_ulysses(model, dims.sp_group)
+        with pytest.raises(ValueError, match="already has Ulysses applied"):
+            apply_ulysses(model, dims.sp_group)
+        handle.remove()
     elif case == "backend":
         model = tiny_model("llama", 4, 4)
         model.config._attn_implementation = "paged|eager"
@@ -205,7 +211,7 @@ def _errors(rank, world, case):
     return True
 
 
-@pytest.mark.parametrize("case", ["heads", "kv", "backend", "mask4d", "cache", "uneven"])
+@pytest.mark.parametrize("case", ["heads", "kv", "twice", "backend", "mask4d", "cache", "uneven"])
 def test_bad_layouts_and_inputs_raise(case):
     run_distributed(_errors, WORLD, case)
 
