@@ -28,15 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, init_pg: bool) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, init_pg: bool, threads: int,
+            pg_timeout: datetime.timedelta, backend: str) -> None:
     for key in _DIST_ENV:
         os.environ.pop(key, None)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         if init_pg:
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=PG_TIMEOUT)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=pg_timeout)
         result = fn(rank, world, *args)
         # Serialise here: tensors sent through the queue would be shared-memory handles that die
         # with this process before the parent reads them.
@@ -50,17 +51,20 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, 
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world: int, *args: Any, init_pg: bool = True, timeout: float = 240.0) -> list:
+def run_distributed(fn: Callable, world: int, *args: Any, init_pg: bool = True, timeout: float = 240.0,
+                    threads: int = 1, pg_timeout: datetime.timedelta = PG_TIMEOUT, backend: str = "gloo") -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` fork-started processes; return results by rank.
 
-    With ``init_pg=True`` a gloo default group is initialised before ``fn`` runs; otherwise only the
-    environment (``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK``/``LOCAL_RANK``) is set, as a
-    launcher would, so that Lightning creates the group itself.
+    With ``init_pg=True`` a default group of ``backend`` (collective timeout ``pg_timeout``) is initialised
+    before ``fn`` runs; otherwise only the environment (``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/
+    ``RANK``/``LOCAL_RANK``) is set, as a launcher would, so that Lightning creates the group itself.
+    Each process uses ``threads`` torch threads; ``timeout`` bounds the wait for each rank's result.
     """
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, init_pg)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, init_pg, threads,
+                                                                 pg_timeout, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -1,0 +1,196 @@
+"""All-to-all volume per layer under Ulysses SP, measured with the torch profiler, vs the minimum.
+
+For ``sp`` in ``--sp`` and three head layouts of an 8-head Llama (MHA 8/8, GQA 8/2, MQA 8/1), one
+forward + backward of the model with ``apply_ulysses`` runs under
+``torch.profiler.profile(record_shapes=True)``. Every ``_c10d_functional::all_to_all_single`` op is
+classified as *forward* (inside a ``ulysses/all_to_all`` range) or *backward* (run by the autograd
+engine, the inverse exchange); its first input is the send buffer ``[sp, b, s/sp, heads, d]``.
+
+Counting convention (all per layer, per rank, one direction = what this rank sends):
+
+* **buffer** = elements of the ``all_to_all_single`` send buffer. It *includes* the ``1/sp`` chunk
+  that stays on this rank (the buffer holds one chunk per destination, itself included);
+* **leaves rank** = ``(sp - 1) / sp`` of the buffer: the bytes that actually cross the network.
+
+Minimum (buffer convention, elements; s = full sequence, d = head dim, Hq query heads, Hkv KV heads)::
+
+    forward  = (s/sp)·d·(Hq + 2·Hkv_eff)    (Q, K, V: heads → ranks)
+             + (s/sp)·Hq·d                  (attention output: back to sequence shards)
+    backward = the same (the gradient of each exchange is the inverse exchange)
+    Hkv_eff  = max(Hkv, sp)
+
+``Hkv_eff`` is what the destinations need: with ``Hkv >= sp`` every rank receives ``Hkv/sp`` distinct KV
+heads; with ``sp > Hkv`` (GQA/MQA) each rank still needs one whole KV head, and ``sp/Hkv`` ranks need
+the same one, so each source must send it ``sp/Hkv`` times (all-to-all has no multicast). For MHA
+this is DESIGN §3's ``4·(s/sp)·H·d``. ``measured / minimum = 1.00`` means no exchange carries anything
+the destination does not need (no padding, no duplicated traffic, no extra exchanges).
+
+The second table times, on random tensors in the same run, the fused exchange
+``heads_from_sequence([q, k, v])`` (one all-to-all, what the library does) against three separate
+``heads_from_sequence([q])``, ``([k])``, ``([v])`` calls, forward only, median over ``--repeats``,
+slowest rank; the tensors are laid out as HF's projections give them (``[b, s/sp, H, d]`` memory
+viewed as ``[b, H, s/sp, d]``), with K/V already replicated to ``Hkv_eff`` heads as the attention does.
+
+    python benchmarks/bench_comm.py                 # sp 2 4, ~1 min on 2 cores
+    python benchmarks/bench_comm.py --seq 4096 --exchange-seq 16384 --repeats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import _common
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_ulysses import apply_ulysses
+from lightning_ulysses.comm import PROFILE_LABEL, heads_from_sequence
+from lightning_ulysses.data import shard_batch
+
+LAYOUTS = {"MHA": 8, "GQA": 2, "MQA": 1}  # KV heads of an 8-head model
+A2A_OP = "_c10d_functional::all_to_all_single"
+COLLECTIVE_PREFIX = "c10d::"
+
+
+def _ancestors(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent.name
+        parent = parent.cpu_parent
+
+
+def _profile_step(model, batch) -> dict:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(**batch).loss.backward()
+    sends = {"forward": [], "backward": []}
+    other = Counter()
+    for event in prof.events():
+        if event.name == A2A_OP:
+            names = list(_ancestors(event))
+            if PROFILE_LABEL in names:
+                sends["forward"].append(list(event.input_shapes[0]))
+            elif any(n.startswith("autograd::engine::evaluate_function") for n in names):
+                sends["backward"].append(list(event.input_shapes[0]))
+            else:
+                sends.setdefault("unclassified", []).append(list(event.input_shapes[0]))
+        elif event.name.startswith(COLLECTIVE_PREFIX) and "alltoall" not in event.name:
+            other[event.name[len(COLLECTIVE_PREFIX):].rstrip("_")] += 1
+    return {"sends": sends, "other": dict(other)}
+
+
+def _time_exchange(sp: int, rank: int, seq: int, heads: int, kv_eff: int, d: int, repeats: int) -> dict:
+    s_local = seq // sp
+    torch.manual_seed(rank)
+    mk = lambda h: torch.randn(1, s_local, h, d).transpose(1, 2)  # noqa: E731  HF projection layout
+    q, k, v = mk(heads), mk(kv_eff), mk(kv_eff)
+    group = dist.group.WORLD
+    times = {"fused": [], "separate": []}
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            for name in times:
+                dist.barrier()
+                t0 = time.perf_counter()
+                if name == "fused":
+                    heads_from_sequence([q, k, v], group)
+                else:
+                    heads_from_sequence([q], group)
+                    heads_from_sequence([k], group)
+                    heads_from_sequence([v], group)
+                if i >= 2:  # two warm-up rounds
+                    times[name].append(time.perf_counter() - t0)
+    return {name: _common.median(_common.max_over_ranks(t)) for name, t in times.items()}
+
+
+def _worker(rank: int, world: int, args: dict) -> dict:
+    out = {}
+    for name, kv in LAYOUTS.items():
+        model = _common.llama(hidden=8 * args["head_dim"], layers=args["layers"], heads=8, kv_heads=kv,
+                              vocab=args["vocab"], intermediate=2 * 8 * args["head_dim"])
+        model.train()
+        handle = apply_ulysses(model, dist.group.WORLD)
+        batch = shard_batch(_common.full_batch(args["seq"], args["vocab"]), rank, world)
+        model(**batch).loss.backward()  # warm-up outside the profiler
+        model.zero_grad(set_to_none=True)
+        prof = _profile_step(model, batch)
+        handle.remove()
+        kv_eff = max(kv, world)
+        timing = _time_exchange(world, rank, args["exchange_seq"], 8, kv_eff, args["head_dim"], args["repeats"])
+        out[name] = {"kv": kv, **prof, "timing": timing}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--seq", type=int, default=2048, help="sequence length of the profiled model step")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=32, help="hidden = 8 * head_dim")
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--exchange-seq", type=int, default=8192, help="sequence length of the fused/separate timing")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+
+    d, s, hq, esize = args.head_dim, args.seq, 8, 4  # float32
+    print(f"# bench_comm: {_common.machine()}")
+    print(f"model: Llama 8 heads x head_dim {d} (hidden {8 * d}), {args.layers} layers, float32, sdpa; "
+          f"one forward+backward at seq {s}, batch 1; 1 torch thread per process")
+    results = {sp: _common.launch(_worker, sp, vars(args), threads=1) for sp in args.sp}
+
+    rows, other_rows, timing_rows = [], [], []
+    for sp in args.sp:
+        per_rank = results[sp]
+        for name, kv in LAYOUTS.items():
+            r0 = per_rank[0][name]
+            kv_eff = max(kv, sp)
+            per_dir_min = (s // sp) * d * (hq + 2 * kv_eff) + (s // sp) * hq * d
+            for direction in ("forward", "backward"):
+                # every rank sends the same shapes; check it instead of assuming it
+                shapes = [pr[name]["sends"][direction] for pr in per_rank]
+                same = all(sh == shapes[0] for sh in shapes)
+                numel = sum(torch.Size(sh).numel() for sh in shapes[0])
+                per_layer = numel / args.layers
+                n_ex = len(shapes[0]) / args.layers
+                rows.append([
+                    f"{name} {hq}/{kv}", sp, kv_eff, direction, f"{n_ex:g}", f"{per_layer * esize / 1024:.0f}",
+                    f"{per_dir_min * esize / 1024:.0f}", f"{per_layer / per_dir_min:.2f}",
+                    f"{per_layer * esize * (sp - 1) / sp / 1024:.0f}",
+                    f"{per_layer / (4 * (s // sp) * hq * d):.2f}" + ("" if same else " (ranks differ!)"),
+                ])
+            unclassified = r0["sends"].get("unclassified", [])
+            other_rows.append([f"{name} {hq}/{kv}", sp, ", ".join(f"{n} x{c}" for c, n in sorted(
+                ((c, n) for n, c in r0["other"].items()), reverse=True)) or "none", len(unclassified)])
+            t = r0["timing"]
+            timing_rows.append([f"{name} {hq}/{kv}", sp, kv_eff, f"{t['fused'] * 1e3:.2f}", f"{t['separate'] * 1e3:.2f}",
+                                f"{t['separate'] / t['fused']:.2f}"])
+
+    print()
+    print(f"All-to-all send volume per layer per rank (float32, seq {s}, head_dim {d}); minimum = "
+          "(s/sp)·d·(Hq + 2·Hkv_eff) + (s/sp)·Hq·d elements per direction, Hkv_eff = max(Hkv, sp); "
+          "'buffer' counts the all_to_all_single send buffer incl. the 1/sp chunk that stays local, "
+          "'leaves rank' = (sp-1)/sp of it.")
+    print()
+    print(_common.table(["heads q/kv", "sp", "Hkv_eff", "direction", "exchanges/layer", "buffer KiB",
+                         "minimum KiB", "measured / minimum", "leaves rank KiB", "buffer / MHA formula 4(s/sp)Hd"],
+                        rows))
+    print()
+    print("Other collectives per training step (rank 0, not per layer), and all-to-alls that were neither "
+          "in a forward ulysses/all_to_all range nor in autograd backward:")
+    print()
+    print(_common.table(["heads q/kv", "sp", "other collectives / step", "unclassified all-to-alls"], other_rows))
+    print()
+    print(f"Fused Q/K/V exchange (1 all-to-all) vs 3 separate exchanges, forward only, seq {args.exchange_seq}, "
+          f"median of {args.repeats}, slowest rank:")
+    print()
+    print(_common.table(["heads q/kv", "sp", "Hkv_eff", "fused ms", "separate ms", "separate / fused"], timing_rows))
+    print()
+    print("On CPU/gloo an all-to-all is a local memcpy-like transfer; on GPUs/NCCL the per-call latency that "
+          "fusing saves is larger relative to small messages.")
+    print(f"total runtime {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
