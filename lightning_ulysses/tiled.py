@@ -156,6 +156,11 @@ class _TiledSpec:
     pass_grad_keys: tuple[str, ...]  # kwargs_to_pass entries given to apply() as tensor inputs
     unshard_dim: int
     reduction: str | None
+    # Optional split fn(x) == linear(head(x)) (a gated MLP's down projection): backward then recomputes
+    # only head and takes the linear's gradients by hand, saving one of the MLP's three matmuls per tile.
+    head: Callable[..., torch.Tensor] | None = None
+    tail_weight: int | None = None  # index into the parameter inputs
+    tail_bias: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +211,7 @@ class SequenceTiledCompute(torch.autograd.Function):
         ctx.spec = spec
         ctx.bounds = bounds
         ctx.tile_shapes = [o.shape for o in outs]
+        ctx.tile_dtype = outs[0].dtype
         ctx.full_numel = output.numel()
         # Parameters are kept as plain references, not saved tensors: FSDP refills unsharded parameter
         # storage in place between forward and backward, which would trip the saved-tensor version check.
@@ -254,8 +260,24 @@ class SequenceTiledCompute(torch.autograd.Function):
             for i, (start, end) in enumerate(ctx.bounds):
                 tile = {k: t[:, start:end].detach() for k, t in zip(spec.shard_keys, sharded)}
                 x_tile = tile[spec.grad_key].requires_grad_(need_x)
-                out = spec.fn(**tile, **pass_kwargs)
-                tile_grad, offset = _tile_grad(ctx, grad_output, i, offset, out)
+                if spec.head is not None:
+                    # out = h @ W^T + b: recompute h only; W's and b's gradients come from h and the
+                    # upstream gradient, and h receives grad @ W.
+                    h = spec.head(**tile, **pass_kwargs)
+                    weight = params[spec.tail_weight].detach()
+                    tile_grad, offset = _tile_grad(ctx, grad_output, i, offset, (*h.shape[:-1], weight.shape[0]))
+                    flat_grad = tile_grad.reshape(-1, tile_grad.shape[-1])
+                    tail_grads = {spec.tail_weight: flat_grad.t() @ h.detach().reshape(-1, h.shape[-1]).to(flat_grad.dtype)}
+                    if spec.tail_bias is not None:
+                        tail_grads[spec.tail_bias] = flat_grad.sum(0)
+                    out, tile_grad = h, torch.matmul(tile_grad, weight.to(tile_grad.dtype)).to(h.dtype)
+                    for j, p in enumerate(explicit):
+                        for idx, g in tail_grads.items():
+                            if p is params[idx]:
+                                param_grads[j] = _accumulate(param_grads[j], g)
+                else:
+                    out = spec.fn(**tile, **pass_kwargs)
+                    tile_grad, offset = _tile_grad(ctx, grad_output, i, offset, out.shape)
 
                 if implicit is None:
                     # Leaves fn reads without declaring them (compute_params=None on a plain function):
@@ -315,17 +337,17 @@ def _replayed_rng(ctx: Any, device: torch.device) -> Iterator[None]:
 
 
 def _tile_grad(ctx: Any, grad_output: torch.Tensor, i: int, offset: int,
-               out: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Upstream gradient for tile ``i``'s output ``out``; returns it and the next offset along the unshard dim."""
+               recomputed: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """Upstream gradient for tile ``i`` (recomputed output shape ``recomputed``); returns it and the next offset."""
     spec: _TiledSpec = ctx.spec
     shape = ctx.tile_shapes[i]
-    if out.shape != shape:
-        raise RuntimeError(f"sequence_tiled_compute: recomputed tile {i} has shape {tuple(out.shape)}, "
+    if tuple(recomputed) != tuple(shape):
+        raise RuntimeError(f"sequence_tiled_compute: recomputed tile {i} has shape {tuple(recomputed)}, "
                            f"forward gave {tuple(shape)}; fn must be deterministic in shape")
     if spec.reduction == "sum":
-        return grad_output.to(out.dtype).expand(shape), offset
+        return grad_output.to(ctx.tile_dtype).expand(shape), offset
     if spec.reduction == "mean":
-        return (grad_output / ctx.full_numel).to(out.dtype).expand(shape), offset
+        return (grad_output / ctx.full_numel).to(ctx.tile_dtype).expand(shape), offset
     if spec.unshard_dim == 0:
         return grad_output[i], offset
     size = shape[spec.unshard_dim]
@@ -395,7 +417,25 @@ def sequence_tiled_compute(
 
     params = _module_params(fn) if compute_params is None else list(compute_params)
     params = _unique(p for p in params if isinstance(p, torch.Tensor) and p.requires_grad)
+    return _tiled_apply(fn, seqlen, shards, kwargs_to_shard, kwargs_to_pass, grad_requiring_tensor_key, params,
+                        output_unshard_dimension, output_reduction)
+
+
+def _tiled_apply(fn: Callable[..., torch.Tensor], seqlen: int, shards: int, kwargs_to_shard: dict[str, torch.Tensor],
+                 kwargs_to_pass: dict[str, Any], grad_requiring_tensor_key: str, params: list[torch.Tensor],
+                 output_unshard_dimension: int, output_reduction: str | None,
+                 linear_tail: tuple[Callable[..., torch.Tensor], nn.Linear] | None = None) -> torch.Tensor:
+    """:func:`sequence_tiled_compute` after validation; ``linear_tail=(head, linear)`` declares that
+    ``fn(x) == linear(head(x))`` (checked by the caller), which lets backward skip recomputing ``linear``."""
     pass_grad_keys = tuple(k for k, v in kwargs_to_pass.items() if isinstance(v, torch.Tensor) and v.requires_grad)
+    head = tail_weight = tail_bias = None
+    if linear_tail is not None:
+        index = {id(t): i for i, t in enumerate(params)}
+        head, linear = linear_tail
+        tail_weight = index.get(id(linear.weight))
+        tail_bias = None if linear.bias is None else index.get(id(linear.bias))
+        if tail_weight is None or (linear.bias is not None and linear.bias.requires_grad and tail_bias is None):
+            head = tail_weight = tail_bias = None  # a frozen or undeclared tail: recompute it with the rest
     spec = _TiledSpec(
         fn=fn,
         seqlen=seqlen,
@@ -406,6 +446,9 @@ def sequence_tiled_compute(
         pass_grad_keys=pass_grad_keys,
         unshard_dim=output_unshard_dimension,
         reduction=output_reduction,
+        head=head,
+        tail_weight=tail_weight,
+        tail_bias=tail_bias,
     )
     return SequenceTiledCompute.apply(
         spec, *kwargs_to_shard.values(), *(kwargs_to_pass[k] for k in pass_grad_keys), *params
@@ -429,6 +472,36 @@ def _resolve_shards(shards: ShardsArg, x: torch.Tensor, group: dist.ProcessGroup
     raise ValueError(f"shards must be a positive int or 'auto', got {shards!r}")
 
 
+def _gated_linear_tail(forward: Callable[..., torch.Tensor], module: nn.Module, x: torch.Tensor, args: tuple,
+                       kwargs: dict) -> tuple[Callable[..., torch.Tensor], nn.Linear] | None:
+    """``(head, down_proj)`` when ``forward(x) == down_proj(act_fn(gate_proj(x)) * up_proj(x))`` for this module.
+
+    The structure (Llama, Qwen2, Mistral, Gemma, ... MLPs) is recognised by attribute names and then
+    confirmed on one token, bit for bit, with the RNG state restored afterwards: a module that only looks
+    like a gated MLP (a different forward, dropout, extra arguments) fails the check and keeps the
+    generic full recomputation, so the shortcut can never change what is computed.
+    """
+    gate, up, down = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    act = getattr(module, "act_fn", None)
+    if args or kwargs or not callable(act) or not all(isinstance(m, nn.Linear) for m in (gate, up, down)):
+        return None
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        return act(gate(x)) * up(x)
+
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+    try:
+        with torch.no_grad():
+            probe = x[:1, :1]
+            same = torch.equal(forward(probe), down(head(probe)))
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, x.device)
+    return (head, down) if same else None
+
+
 def _tiled_mlp_call(forward: Callable[..., torch.Tensor], module: nn.Module, shards: ShardsArg,
                     group: dist.ProcessGroup | None, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     if x.dim() < 3:
@@ -438,17 +511,9 @@ def _tiled_mlp_call(forward: Callable[..., torch.Tensor], module: nn.Module, sha
     def tile_fn(x: torch.Tensor, **kw: Any) -> torch.Tensor:
         return forward(x, *args, **kw)
 
-    return sequence_tiled_compute(
-        tile_fn,
-        seqlen=x.shape[1],
-        shards=n,
-        kwargs_to_shard={"x": x},
-        kwargs_to_pass=kwargs,
-        grad_requiring_tensor_key="x",
-        compute_params=[p for p in module.parameters() if p.requires_grad],
-        output_unshard_dimension=1,
-        output_reduction=None,
-    )
+    params = _unique(p for p in module.parameters() if p.requires_grad)
+    tail = _gated_linear_tail(forward, module, x, args, kwargs) if torch.is_grad_enabled() else None
+    return _tiled_apply(tile_fn, x.shape[1], n, {"x": x}, kwargs, "x", params, 1, None, linear_tail=tail)
 
 
 class TiledMLP(nn.Module):
@@ -456,6 +521,9 @@ class TiledMLP(nn.Module):
 
     ``forward(x: [batch, seq, hidden]) -> [batch, seq, hidden]``, numerically the wrapped MLP's output;
     only one tile's ``[batch, tile, intermediate]`` activations exist at a time, in forward and backward.
+    Backward recomputes each tile; for a gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, checked
+    on one token per call) it recomputes only ``gate_proj``/``up_proj`` and takes ``down_proj``'s gradients
+    from the recomputed activation, one matmul of three saved per tile.
     The weights are the wrapped module's own (registered as the child ``mlp``, so state-dict keys gain a
     ``mlp.`` prefix; use :func:`tile_mlps` to keep a model's keys unchanged).
 

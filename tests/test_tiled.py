@@ -483,6 +483,88 @@ def test_tiled_mlp_module() -> None:
     _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp)
 
 
+class GatedMLP(TinyMLP):
+    """TinyMLP with ``act_fn``: the HF gated-MLP attribute layout, so tiling may skip recomputing ``down_proj``."""
+
+    def __init__(self, scale: float = 1.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.act_fn = nn.SiLU()
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x))) * self.scale
+
+
+@pytest.mark.parametrize("batch,seq,shards", SHAPES)
+@pytest.mark.parametrize("frozen_down", [False, True])
+def test_gated_mlp_skips_down_proj_recompute(batch: int, seq: int, shards: int, frozen_down: bool) -> None:
+    """A gated MLP is exact (outputs, every gradient, upstream scaling, one accumulation per parameter)
+    while backward recomputes only gate/up: down_proj runs in forward tiles and the one-token check only.
+    A frozen down_proj takes the generic path (full recomputation) and stays exact too."""
+    torch.manual_seed(11)
+    mlp = GatedMLP()
+    mlp.down_proj.requires_grad_(not frozen_down)
+    x = torch.randn(batch, seq, HIDDEN, requires_grad=True)
+    upstream = torch.randn(batch, seq, HIDDEN) * 3.0
+    calls = []
+    mlp.down_proj.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    counts = _count_accumulations([p for p in mlp.parameters() if p.requires_grad])
+    with tile_mlps(mlp, shards):
+        out = mlp(x)
+        n_forward = len(calls)
+        out.backward(upstream)
+    n_tiles = len(tile_bounds(seq, shards))
+    assert n_forward == n_tiles + 2  # the tiles, and the one-token check (module forward, then the split)
+    assert len(calls) - n_forward == (n_tiles if frozen_down else 0)
+    assert counts == [1] * len(counts)
+    tiled_x, tiled_p = x.grad.clone(), {n: p.grad.clone() for n, p in mlp.named_parameters() if p.requires_grad}
+    x.grad = None
+    mlp.zero_grad(set_to_none=True)
+    ref = mlp(x)
+    ref.backward(upstream)
+    assert_close_rel(out, ref, name="output")
+    _assert_grads(tiled_x, x.grad, "x")
+    for name, p in mlp.named_parameters():
+        if p.requires_grad:
+            _assert_grads(tiled_p[name], p.grad, name)
+
+
+@pytest.mark.parametrize("variant", ["other-forward", "dropout"])
+def test_gated_lookalike_keeps_full_recompute(variant: str) -> None:
+    """Modules that only look like a gated MLP fail the one-token check: full recomputation, exact result
+    (dropout: the same mask in the tiled forward, its recomputation and the untiled reference)."""
+    torch.manual_seed(12)
+    mlp = GatedMLP(scale=2.0) if variant == "other-forward" else GatedMLP(dropout=0.3)
+    x = torch.randn(2, 10, HIDDEN, requires_grad=True)
+    upstream = torch.randn(2, 10, HIDDEN)
+    calls = []
+    mlp.down_proj.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    torch.manual_seed(5)
+    with tile_mlps(mlp, 3):
+        out = mlp(x)
+        n_forward = len(calls)
+        out.backward(upstream)
+    assert len(calls) - n_forward == 3  # every tile recomputed whole
+    tiled_x, tiled_p = x.grad.clone(), _param_grads(mlp)
+    x.grad = None
+    mlp.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    if variant == "dropout":
+        # The untiled model draws one mask for the whole sequence, the tiles one per tile, so the
+        # reference is the generic tiled computation without the structure check: equal bit for bit
+        # only if the check left the random stream untouched.
+        ref = sequence_tiled_compute(mlp, 10, 3, {"x": x}, {}, "x", output_reduction=None)
+        ref.backward(upstream)
+        assert torch.equal(out, ref)
+        assert torch.equal(tiled_x, x.grad)
+        assert all(torch.equal(tiled_p[n], p.grad) for n, p in mlp.named_parameters())
+        return
+    ref = mlp(x)
+    ref.backward(upstream)
+    _assert_matches_untiled(out, ref, tiled_x, x, tiled_p, mlp)
+
+
 # --------------------------------------------------------------------------------------------------
 # tiled LM loss
 # --------------------------------------------------------------------------------------------------
