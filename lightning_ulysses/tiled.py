@@ -637,6 +637,54 @@ def tile_mlps(model: nn.Module, shards: ShardsArg = "auto",
 # --------------------------------------------------------------------------------------------------
 # tiled LM head + cross-entropy
 # --------------------------------------------------------------------------------------------------
+class _LossSumGradsInForward(torch.autograd.Function):
+    """``sum(tile_loss(hidden[:, a:b], labels[:, a:b]) for a, b in bounds)`` with its gradients taken in forward.
+
+    ``apply(tile_loss, bounds, hidden [batch, seq, hidden], labels [batch, seq], *params)``: each tile's
+    scalar loss is differentiated as soon as it is computed, w.r.t. its hidden-state slice and ``params``
+    (the LM head's trainable tensors), and its logits are freed before the next tile. Backward multiplies
+    the stored sums by the upstream gradient, so nothing is recomputed and every parameter gets its
+    gradient once per backward (DDP/FSDP hooks fire once). Runs locally; no process group is involved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tile_loss: Callable[..., torch.Tensor], bounds: list[tuple[int, int]],
+                hidden: torch.Tensor, labels: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        need_h = ctx.needs_input_grad[2]
+        need_p = ctx.needs_input_grad[4:]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_p: list[torch.Tensor | None] = [None] * len(params)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wanted = [p for p, need in zip(params, need_p) if need]
+        with torch.enable_grad():
+            for a, b in bounds:
+                h = hidden[:, a:b].detach().requires_grad_(need_h)
+                loss = tile_loss(h, labels[:, a:b])
+                inputs = ([h] if need_h else []) + wanted
+                if loss.requires_grad and inputs:
+                    grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+                    if need_h:
+                        g = grads.pop(0)
+                        if g is not None:
+                            grad_h[:, a:b].copy_(g)
+                    it = iter(grads)
+                    grad_p = [_accumulate(acc, next(it)) if need else acc for acc, need in zip(grad_p, need_p)]
+                total += loss.detach().float()
+        ctx.has_h = grad_h is not None
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.has_p = [g is not None for g in grad_p]
+        ctx.save_for_backward(*([grad_h] if ctx.has_h else []), *(g for g in grad_p if g is not None))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        # A 0-dim float32 factor keeps each stored gradient's dtype and multiplies in float32 internally.
+        grad_h = next(saved) * grad_output if ctx.has_h else None
+        grad_p = [(next(saved) * grad_output).to(dtype) if has else None for has, dtype in zip(ctx.has_p, ctx.dtypes)]
+        return (None, None, grad_h, None, *grad_p)
+
+
 def tiled_causal_lm_loss_sum(
     hidden_states: torch.Tensor,
     lm_head: nn.Module,
@@ -665,6 +713,11 @@ def tiled_causal_lm_loss_sum(
         ``(loss_sum, n_valid)``: the float32 scalar sum of cross-entropies over labels ``!= ignore_index``
         (0, not NaN, when there are none), differentiable w.r.t. ``hidden_states`` and the ``lm_head``
         parameters; and the int64 scalar count of such labels, without grad.
+
+    With grad enabled, each tile's gradients are taken right after its loss, in forward (the loss is a
+    scalar, so backward only has to scale them by the upstream gradient): no tile is recomputed, at the
+    price of holding the ``hidden_states``-sized and ``lm_head``-sized gradients from forward to backward,
+    which backward would allocate anyway.
     """
     if hidden_states.dim() != 3 or shift_labels.shape != hidden_states.shape[:2]:
         raise ValueError(f"expected hidden_states [batch, seq, hidden] and shift_labels [batch, seq], got "
@@ -678,16 +731,14 @@ def tiled_causal_lm_loss_sum(
         return F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(),
                                ignore_index=ignore_index, reduction="sum")
 
-    loss_sum = sequence_tiled_compute(
-        tile_loss,
-        seqlen=hidden_states.shape[1],
-        shards=shards,
-        kwargs_to_shard={"hidden_states": hidden_states, "shift_labels": shift_labels},
-        kwargs_to_pass={},
-        grad_requiring_tensor_key="hidden_states",
-        compute_params=[p for p in lm_head.parameters() if p.requires_grad],
-        output_unshard_dimension=0,
-        output_reduction="sum",
-    )
+    params = _unique(p for p in lm_head.parameters() if p.requires_grad)
+    bounds = tile_bounds(hidden_states.shape[1], shards)
+    if not torch.is_grad_enabled() or not (hidden_states.requires_grad or params):
+        with torch.no_grad():
+            loss_sum = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
+            for a, b in bounds:
+                loss_sum += tile_loss(hidden_states[:, a:b], shift_labels[:, a:b])
+    else:
+        loss_sum = _LossSumGradsInForward.apply(tile_loss, bounds, hidden_states, shift_labels, *params)
     n_valid = (shift_labels != ignore_index).sum()
     return loss_sum, n_valid

@@ -604,6 +604,43 @@ def test_tiled_loss_parity(batch: int, seq: int, shards: int, softcap: bool) -> 
     _assert_grads(tiled_w, head.weight.grad, "lm_head.weight")
 
 
+@pytest.mark.parametrize("case", ["bias", "frozen-hidden", "frozen-head", "no-grad"])
+def test_tiled_loss_grads_taken_in_forward(case: str) -> None:
+    """Each tile's logits are computed once (gradients are taken in forward, backward only scales them by
+    the upstream gradient); a head bias, inputs without grad and no-grad evaluation stay exact."""
+    h, _, labels = _loss_case(2, 11)
+    torch.manual_seed(3)
+    head = nn.Linear(16, 37, bias=case == "bias")
+    if case == "frozen-hidden":
+        h.requires_grad_(False)
+    if case == "frozen-head":
+        head.requires_grad_(False)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    if case == "no-grad":
+        with torch.no_grad():
+            loss_sum, n_valid = tiled_causal_lm_loss_sum(h, head, labels, 3)
+        assert not loss_sum.requires_grad
+    else:
+        loss_sum, n_valid = tiled_causal_lm_loss_sum(h, head, labels, 3)
+        (loss_sum * 0.37).backward()
+    assert len(calls) == 3
+    got = {"h": h.grad, **{n: p.grad for n, p in head.named_parameters()}}
+    h.grad = None
+    head.zero_grad(set_to_none=True)
+    ref = F.cross_entropy(head(h).flatten(0, 1), labels.flatten(), reduction="sum")
+    assert_close_rel(loss_sum, ref, name="loss")
+    if case == "no-grad":
+        return
+    (ref * 0.37).backward()
+    want = {"h": h.grad, **{n: p.grad for n, p in head.named_parameters()}}
+    for name, g in want.items():
+        if g is None:
+            assert got[name] is None, name
+        else:
+            _assert_grads(got[name], g, name)
+
+
 def test_tiled_loss_all_ignored() -> None:
     h, head, labels = _loss_case(2, 7, ignore_frac=1.1)
     assert (labels == -100).all()
