@@ -156,7 +156,8 @@ def main() -> None:
         if args.no_deepspeed:
             print("DeepSpeed column skipped (--no-deepspeed).")
         else:
-            print(f"DeepSpeed not installed (pip install -e '.[bench]'); column skipped. ({ds_reason})")
+            print("DeepSpeed not installed; column skipped. Install it without letting pip replace torch: "
+                  f"pip install --no-build-isolation 'deepspeed>=0.17'. ({ds_reason})")
     else:
         import deepspeed
 
