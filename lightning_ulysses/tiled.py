@@ -717,7 +717,8 @@ def tiled_causal_lm_loss_sum(
     With grad enabled, each tile's gradients are taken right after its loss, in forward (the loss is a
     scalar, so backward only has to scale them by the upstream gradient): no tile is recomputed, at the
     price of holding the ``hidden_states``-sized and ``lm_head``-sized gradients from forward to backward,
-    which backward would allocate anyway.
+    which backward would allocate anyway. With float16 anywhere (tensors or autocast) tiles are
+    recomputed in backward instead, so that float16 gradients are formed with the loss scale applied.
     """
     if hidden_states.dim() != 3 or shift_labels.shape != hidden_states.shape[:2]:
         raise ValueError(f"expected hidden_states [batch, seq, hidden] and shift_labels [batch, seq], got "
@@ -733,7 +734,18 @@ def tiled_causal_lm_loss_sum(
 
     params = _unique(p for p in lm_head.parameters() if p.requires_grad)
     bounds = tile_bounds(hidden_states.shape[1], shards)
-    if not torch.is_grad_enabled() or not (hidden_states.requires_grad or params):
+    device_type = hidden_states.device.type
+    float16 = (hidden_states.dtype == torch.float16 or any(p.dtype == torch.float16 for p in params)
+               or (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16))
+    if float16 and torch.is_grad_enabled():
+        # float16 gradients need the loss scale inside the backward pass to stay out of the subnormal
+        # range; the upstream gradient (which carries it) only exists in backward, so recompute there.
+        loss_sum = sequence_tiled_compute(
+            tile_loss, seqlen=hidden_states.shape[1], shards=shards,
+            kwargs_to_shard={"hidden_states": hidden_states, "shift_labels": shift_labels}, kwargs_to_pass={},
+            grad_requiring_tensor_key="hidden_states", compute_params=params, output_unshard_dimension=0,
+            output_reduction="sum")
+    elif not torch.is_grad_enabled() or not (hidden_states.requires_grad or params):
         with torch.no_grad():
             loss_sum = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
             for a, b in bounds:

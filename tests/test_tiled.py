@@ -641,6 +641,30 @@ def test_tiled_loss_grads_taken_in_forward(case: str) -> None:
             _assert_grads(got[name], g, name)
 
 
+def test_tiled_loss_float16_recomputes_in_backward() -> None:
+    """float16 gradients must see the loss scale (the upstream gradient) while they are formed: the tiled
+    loss then recomputes each tile in backward rather than differentiating it unscaled in forward."""
+    h, head, labels = _loss_case(1, 9)
+    h16 = h.detach().half().requires_grad_()
+    head16 = nn.Linear(16, 37, bias=False).half()
+    with torch.no_grad():
+        head16.weight.copy_(head.weight.half())
+    calls = []
+    head16.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    scale = 1024.0
+    loss_sum, _ = tiled_causal_lm_loss_sum(h16, head16, labels, 3)
+    assert calls == [False] * 3  # forward tiles without grad
+    (loss_sum * scale).backward()
+    assert calls[3:] == [True] * 3  # recomputed with grad, under the upstream gradient
+    ref = F.cross_entropy(head16(h16).float().flatten(0, 1), labels.flatten(), reduction="sum")
+    assert loss_sum.item() == pytest.approx(ref.item(), rel=1e-3)
+    g_h, g_w = h16.grad.clone(), head16.weight.grad.clone()
+    h16.grad = head16.weight.grad = None
+    (ref * scale).backward()
+    assert_close_rel(g_h.float(), h16.grad.float(), rtol=1e-2, name="hidden_states")
+    assert_close_rel(g_w.float(), head16.weight.grad.float(), rtol=1e-2, name="lm_head.weight")
+
+
 def test_tiled_loss_all_ignored() -> None:
     h, head, labels = _loss_case(2, 7, ignore_frac=1.1)
     assert (labels == -100).all()
