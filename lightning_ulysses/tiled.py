@@ -681,7 +681,13 @@ class _LossSumGradsInForward(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         # A 0-dim float32 factor keeps each stored gradient's dtype and multiplies in float32 internally.
         grad_h = next(saved) * grad_output if ctx.has_h else None
-        grad_p = [(next(saved) * grad_output).to(dtype) if has else None for has, dtype in zip(ctx.has_p, ctx.dtypes)]
+        grad_p: list[torch.Tensor | None] = []
+        for has, dtype in zip(ctx.has_p, ctx.dtypes):
+            if not has:
+                grad_p.append(None)
+                continue
+            acc = next(saved)  # float32 for low-precision parameters: written straight into their dtype
+            grad_p.append(torch.mul(acc, grad_output, out=torch.empty_like(acc, dtype=dtype)))
         return (None, None, grad_h, None, *grad_p)
 
 
