@@ -14,7 +14,8 @@ processes time-share the cores and that row measures oversubscription, not scali
   integration (``UlyssesSPAttentionHF.register_with_transformers``) with its documented loss recipe
   (``model.loss_function(logits, labels=None, shift_labels=...)`` per rank, then the differentiable
   token-weighted ``torch.distributed.nn.functional.all_gather`` aggregation). Our steps and
-  DeepSpeed's alternate step by step, so drifting machine load hits both alike.
+  DeepSpeed's alternate step by step (who goes first alternates too), so drifting machine load hits
+  both alike.
 
 A step's time is the slowest rank's ``forward + backward`` (gradients are set to ``None`` between
 steps; no optimizer). After ``--warmup`` short steps (``--warmup-seq`` tokens: kernels, lazy state) the
@@ -111,7 +112,9 @@ def _sp_worker(rank: int, world: int, cfg: dict, seqs: list[int], warmup: int, w
         times = {name: [] for name in variants}
         losses = {}
         for i, batch in enumerate(batches):
-            for name, model in variants.items():
+            # who goes first alternates, so neither side always inherits the other's warm caches
+            order = list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]
+            for name, model in order:
                 ALL_ATTENTION_FUNCTIONS["sdpa"] = ds_sdpa if name == "deepspeed" else sdpa
                 model.zero_grad(set_to_none=True)
                 dist.barrier()
