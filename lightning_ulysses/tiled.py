@@ -243,6 +243,9 @@ class SequenceTiledCompute(torch.autograd.Function):
         pass_leaves = [t.detach().requires_grad_(need) for t, need in zip(pass_tensors, need_pass)]
         pass_kwargs = {**spec.pass_kwargs, **dict(zip(spec.pass_grad_keys, pass_leaves))}
         explicit = [p for p, need in zip(params, need_params) if need]
+        # positions in ``explicit`` of the linear tail's weight and bias (tail path only)
+        tail_slots = [(j, idx) for idx in (spec.tail_weight, spec.tail_bias) if idx is not None
+                      for j, p in enumerate(explicit) if p is params[idx]]
         # A non-leaf tensor given as a parameter must not be looked through when searching for leaves.
         stop_nodes = {p.grad_fn for p in explicit if p.grad_fn is not None}
         known = {id(p) for p in params} | {id(t) for t in pass_leaves}
@@ -271,10 +274,8 @@ class SequenceTiledCompute(torch.autograd.Function):
                     if spec.tail_bias is not None:
                         tail_grads[spec.tail_bias] = flat_grad.sum(0)
                     out, tile_grad = h, torch.matmul(tile_grad, weight.to(tile_grad.dtype)).to(h.dtype)
-                    for j, p in enumerate(explicit):
-                        for idx, g in tail_grads.items():
-                            if p is params[idx]:
-                                param_grads[j] = _accumulate(param_grads[j], g)
+                    for j, idx in tail_slots:
+                        param_grads[j] = _accumulate(param_grads[j], tail_grads[idx])
                 else:
                     out = spec.fn(**tile, **pass_kwargs)
                     tile_grad, offset = _tile_grad(ctx, grad_output, i, offset, out.shape)
@@ -321,19 +322,26 @@ class SequenceTiledCompute(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _replayed_rng(ctx: Any, device: torch.device) -> Iterator[None]:
-    """Run the block with the RNG state the forward started from, restoring the current state afterwards."""
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run the block and then put the CPU (and ``device``'s CUDA) random state back as it was."""
     cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if ctx.cuda_rng is not None else None
-    torch.set_rng_state(ctx.cpu_rng)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(ctx.cuda_rng, device)
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
         yield
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, device)
+
+
+@contextlib.contextmanager
+def _replayed_rng(ctx: Any, device: torch.device) -> Iterator[None]:
+    """Run the block with the RNG state the forward started from, restoring the current state afterwards."""
+    with _preserved_rng(device):
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, device)
+        yield
 
 
 def _tile_grad(ctx: Any, grad_output: torch.Tensor, i: int, offset: int,
@@ -489,16 +497,9 @@ def _gated_linear_tail(forward: Callable[..., torch.Tensor], module: nn.Module, 
     def head(x: torch.Tensor) -> torch.Tensor:
         return act(gate(x)) * up(x)
 
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
-    try:
-        with torch.no_grad():
-            probe = x[:1, :1]
-            same = torch.equal(forward(probe), down(head(probe)))
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, x.device)
+    with _preserved_rng(x.device), torch.no_grad():
+        probe = x[:1, :1]
+        same = torch.equal(forward(probe), down(head(probe)))
     return (head, down) if same else None
 
 
