@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .comm import heads_from_sequence, sequence_from_heads
+from .comm import (
+    PendingExchanges,
+    destination_major,
+    heads_from_sequence,
+    pack_send,
+    sequence_from_heads,
+    sequence_major,
+    unpack_received,
+)
 from .masks import SUPPORTED_BACKENDS
 
 if TYPE_CHECKING:
@@ -62,11 +70,41 @@ class HeadLayout:
         return 1 if self.num_kv_heads % self.sp == 0 else self.sp // self.num_kv_heads
 
     @property
+    def local_heads(self) -> int:
+        """Query heads on one rank after the exchange."""
+        return self.num_heads // self.sp
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads on one rank after the exchange (replicas included)."""
+        return self.num_kv_heads * self.kv_repeat // self.sp
+
+    @property
     def local_kv_groups(self) -> int:
         """Query heads per KV head on one rank after the exchange."""
-        local_q = self.num_heads // self.sp
-        local_kv = self.num_kv_heads * self.kv_repeat // self.sp
-        return local_q // local_kv
+        return self.local_heads // self.local_kv_heads
+
+    def overlap_choices(self) -> list[int]:
+        """The ``overlap_chunks`` this layout allows (see :meth:`check_overlap`)."""
+        hq, hkv = self.local_heads, self.local_kv_heads
+        return [c for c in range(1, hq + 1) if hq % c == 0 and (hkv % c == 0 or c % hkv == 0)]
+
+    def check_overlap(self, chunks: int) -> int:
+        """Validate ``chunks`` head groups per rank, raising a ``ValueError`` that names the choices.
+
+        Each group must hold an equal number of this rank's query heads, and its query heads must
+        share whole KV heads: either the KV heads split evenly over the groups, or each KV head
+        serves a whole number of groups.
+        """
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ValueError(f"overlap_chunks must be a positive integer, got {chunks!r}.")
+        if chunks not in self.overlap_choices():
+            raise ValueError(
+                f"overlap_chunks={chunks} cannot split this rank's {self.local_heads} query / {self.local_kv_heads} KV "
+                f"heads (num_attention_heads={self.num_heads}, num_key_value_heads={self.num_kv_heads}, sp={self.sp}) "
+                f"into equal groups that share whole KV heads. Choose overlap_chunks from {self.overlap_choices()}."
+            )
+        return chunks
 
 
 class _BackendConfigView:
@@ -132,7 +170,7 @@ def check_backend(backend: str | None) -> str:
 
 
 def make_ulysses_attention(
-    backend: str, layout: HeadLayout, get_context: Callable[[dict], "ForwardContext"]
+    backend: str, layout: HeadLayout, get_context: Callable[[dict], "ForwardContext"], overlap_chunks: int = 1
 ) -> Callable[..., tuple[Tensor, None]]:
     """Build the attention function registered for one model.
 
@@ -141,7 +179,13 @@ def make_ulysses_attention(
     ``query: [batch, Hq, seq/sp, head_dim]``, ``key``/``value: [batch, Hkv, seq/sp, head_dim]``
     (this rank's chunk) and ``attn_output: [batch, seq/sp, Hq, head_dim]``. Collectives run on the
     SP group of the forward context.
+
+    With ``overlap_chunks > 1`` this rank's heads are processed in that many groups whose
+    exchanges run while another group's attention computes, forward and backward
+    (:func:`_overlapped_attention`). Attention is independent per head, so the result is the
+    same computation in another order.
     """
+    layout.check_overlap(overlap_chunks)
 
     def ulysses_attention(
         module: nn.Module,
@@ -168,18 +212,100 @@ def make_ulysses_attention(
         if layout.kv_repeat > 1:
             key = key.repeat_interleave(layout.kv_repeat, dim=1)
             value = value.repeat_interleave(layout.kv_repeat, dim=1)
-        q, k, v = heads_from_sequence([query, key, value], ctx.group)
 
         sliding_window = kwargs.get("sliding_window")
         causal = bool(kwargs.pop("is_causal", getattr(module, "is_causal", True)))
-        mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, q.dtype)
+        mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, query.dtype)
         kwargs.update(extra)
         # Backends that read positions (flash's packed-sequence detection) must see global ones.
         kwargs["position_ids"] = ctx.metadata.position_ids
-        view = _LocalHeadsView(module, layout.local_kv_groups, backend)
-        with torch.profiler.record_function(f"ulysses/attention/{backend}"):
-            out, _ = backend_function(backend, module)(view, q, k, v, mask, **kwargs)
+        attend = _backend_call(backend, module, mask, kwargs)
+        if overlap_chunks > 1:
+            return _overlapped_attention(attend, query, key, value, layout, overlap_chunks, ctx.group), None
+        q, k, v = heads_from_sequence([query, key, value], ctx.group)
+        out = attend(q, k, v, layout.local_kv_groups)
         # out: [batch, seq, Hq/sp, head_dim] -> [batch, seq/sp, Hq, head_dim]
         return sequence_from_heads(out, ctx.group), None
 
     return ulysses_attention
+
+
+def _backend_call(backend: str, module: nn.Module, mask: Any, kwargs: dict[str, Any]) -> Callable[..., Tensor]:
+    """``attend(q, k, v, kv_groups) -> out``: the backend on head-sharded full-sequence tensors
+    ``[batch, heads, seq, head_dim]`` → ``[batch, seq, heads, head_dim]``."""
+    fn = backend_function(backend, module)
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, kv_groups: int) -> Tensor:
+        view = _LocalHeadsView(module, kv_groups, backend)
+        with torch.profiler.record_function(f"ulysses/attention/{backend}"):
+            out, _ = fn(view, q, k, v, mask, **kwargs)
+        return out
+
+    return attend
+
+
+def _overlapped_attention(
+    attend: Callable[..., Tensor],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: HeadLayout,
+    chunks: int,
+    group: Any,
+) -> Tensor:
+    """Ulysses attention in ``chunks`` head groups whose exchanges overlap attention compute.
+
+    Args:
+        attend: the backend call (:func:`_backend_call`).
+        query: ``[batch, Hq, seq/sp, head_dim]``; ``key``/``value``: ``[batch, Hkv*kv_repeat, seq/sp,
+            head_dim]`` (KV already replicated), this rank's sequence chunk.
+        chunks: head groups per rank, validated by :meth:`HeadLayout.check_overlap`.
+        group: the SP process group all exchanges run on.
+
+    Returns:
+        ``[batch, seq/sp, Hq, head_dim]``, heads in the non-SP order.
+
+    Forward: every group's Q/K/V exchange starts first; group ``g``'s attention runs as soon as its
+    own data has arrived, while the later groups' inputs and the earlier groups' outputs move.
+    Backward runs the mirror image: every output-gradient exchange starts at once, and the inverse
+    exchange of group ``g``'s Q/K/V gradients moves during group ``g-1``'s attention backward (the
+    autograd engine runs the ready node created last first, and the nodes are created in that order).
+    When the KV heads do not split evenly over the groups, all of them travel with the first group.
+    """
+    sp = layout.sp
+    b, _, s_local, d = query.shape
+    hq, hkv = layout.local_heads, layout.local_kv_heads
+    n = hq // chunks  # query heads per group
+    kv_split = hkv % chunks == 0
+    m = hkv // chunks if kv_split else hkv  # KV heads sent with a group that carries KV
+    kv_per_q = layout.local_kv_groups  # query heads per KV head on this rank
+    qd, kd, vd = (destination_major(x, sp) for x in (query, key, value))  # [sp, b, s/sp, h, d]
+    pending = PendingExchanges(group)
+
+    recvs = []
+    for g in range(chunks):
+        parts = [qd[:, :, :, g * n : (g + 1) * n]]
+        if kv_split or g == 0:
+            lo = g * m if kv_split else 0
+            parts += [kd[:, :, :, lo : lo + m], vd[:, :, :, lo : lo + m]]
+        recvs.append(pending.launch(pack_send(parts), ("qkv", g)))
+
+    sent_back = []
+    for g in range(chunks):
+        recv = pending.wait(recvs[g], ("qkv", g))
+        if kv_split or g == 0:
+            q, k_src, v_src = unpack_received(recv, [n, m, m])
+        else:
+            (q,) = unpack_received(recv, [n])
+        if kv_split:
+            k, v, groups = k_src, v_src, kv_per_q
+        else:  # each KV head serves whole groups (kv_per_q is a multiple of n): one head per group
+            head = g * n // kv_per_q
+            k, v, groups = k_src[:, head : head + 1], v_src[:, head : head + 1], n
+        out = attend(q, k, v, groups)  # [b, s, n, d]
+        sent_back.append(pending.launch(sequence_major(out, sp), ("out", g)))
+
+    # [sp (source = head rank), b, s/sp, n, d] per group -> [b, s/sp, sp, chunks, n, d]: one copy,
+    # and head index src*hq + g*n + i is the non-SP head order.
+    done = [pending.wait(r, ("out", g)).permute(1, 2, 0, 3, 4) for g, r in enumerate(sent_back)]
+    return torch.stack(done, dim=3).reshape(b, s_local, sp * hq, d)

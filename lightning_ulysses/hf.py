@@ -88,9 +88,11 @@ class UlyssesHandle:
         backend: the model's own attention implementation, run on the full sequence.
         eval_mode: ``"sp"`` (eval runs sharded, like training) or ``"bypass"`` (in ``model.eval()``
             the model runs unpatched on whatever full sequence it is given, e.g. for generation).
+        overlap_chunks: head groups per rank whose exchanges overlap attention compute (1: none).
     """
 
-    def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp") -> None:
+    def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp",
+                 overlap_chunks: int = 1) -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
         config = getattr(model, "config", None)
@@ -116,6 +118,7 @@ class UlyssesHandle:
                 "again (the Ulysses strategies apply it for you in setup)."
             )
         self.backend = check_backend(config._attn_implementation)
+        self.overlap_chunks = self.layout.check_overlap(overlap_chunks)
         self.name = f"ulysses_{next(_ids)}"
         self._bypass_depth = 0
         self._current: ForwardContext | None = None
@@ -123,7 +126,9 @@ class UlyssesHandle:
 
         from transformers.modeling_utils import AttentionInterface
 
-        AttentionInterface.register(self.name, make_ulysses_attention(self.backend, self.layout, self._context_from))
+        AttentionInterface.register(
+            self.name, make_ulysses_attention(self.backend, self.layout, self._context_from, self.overlap_chunks)
+        )
         self._saved_attn = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
         self._set_attn(self.name)
 
@@ -297,7 +302,7 @@ def find_hf_models(module: nn.Module) -> list[nn.Module]:
 
 
 def apply_ulysses(
-    model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp"
+    model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1
 ) -> UlyssesHandle:
     """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
 
@@ -319,9 +324,15 @@ def apply_ulysses(
             flash_attention_2/3).
         sp_group: the process group of the ranks that share one sequence.
         eval_mode: ``"sp"`` runs eval sharded too; ``"bypass"`` runs ``model.eval()`` unpatched.
+        overlap_chunks: split this rank's heads into that many groups and overlap each group's
+            all-to-alls with another group's attention, forward and backward (asynchronous
+            collectives; 1 = one exchange in, one out, nothing overlapped). Same results; pays off
+            where the exchange is a visible share of the step and the backend runs collectives
+            beside compute (NCCL streams). Must divide ``num_attention_heads / sp`` so that groups
+            share whole KV heads; the error lists the valid values.
 
     Raises:
         ValueError: heads not divisible by ``sp``, unsupported attention backend, and the like,
             with the numbers and the fix.
     """
-    return UlyssesHandle(model, sp_group, eval_mode=eval_mode)
+    return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks)

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
+from lightning_ulysses.checkpointing import checkpoint_decoder_layers
 from lightning_ulysses.mesh import build_mesh
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import tiny_model, tokens
@@ -32,11 +33,14 @@ def _reference(arch, heads, kv, seq, batch, extra):
     return ref, ids, labels, out
 
 
-def _parity(rank, world, arch, heads, kv, sp, seq, batch, extra, pass_positions):
+def _parity(rank, world, arch, heads, kv, sp, seq, batch, extra, pass_positions, overlap_chunks=1,
+            checkpoint=False):
     dims = build_mesh("cpu", sp)
     ref, ids, labels, ref_out = _reference(arch, heads, kv, seq, batch, extra)
     model = tiny_model(arch, heads, kv, **extra)
-    handle = apply_ulysses(model, dims.sp_group)
+    handle = apply_ulysses(model, dims.sp_group, overlap_chunks=overlap_chunks)
+    if checkpoint:  # recomputation in backward re-runs the exchanges inside the backward pass
+        checkpoint_decoder_layers(model, offload=True)
     shard = shard_batch({"input_ids": ids, "labels": labels}, dims.sp_rank, sp)
     if not pass_positions:  # the handle must derive global positions and shifted labels itself
         shard.pop("position_ids"), shard.pop("shift_labels")

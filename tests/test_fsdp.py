@@ -32,6 +32,7 @@ CASES = {
     "hybrid": ({"sharding": "hybrid"}, None),
     "checkpointing": ({"activation_checkpointing": True}, None),
     "checkpointing+offload": ({"activation_checkpointing": True, "offload_activations": True}, None),
+    "checkpointing+overlap": ({"activation_checkpointing": True, "overlap_chunks": 2}, None),
     "grad-clip": ({}, 0.05),
 }
 

@@ -142,7 +142,8 @@ def docs_alone_logits(model, ids: torch.Tensor, packs) -> torch.Tensor:
 # -- model-level parity -------------------------------------------------------------------------
 
 
-def _parity(rank, world, name, attn):
+def _parity(rank, world, name, attn, overlap_chunks=1):
+    """``overlap_chunks`` applies to the sp=2 run (at sp=4 each rank holds one query head)."""
     case = make_case(name)
     dims2 = build_mesh("cpu", 2)
     groups = {2: (dims2.sp_group, dims2.sp_rank), 4: (dist.group.WORLD, rank)}
@@ -162,7 +163,7 @@ def _parity(rank, world, name, attn):
     for sp in (2, 4):
         group, sp_rank = groups[sp]
         model = tiny_model(case.arch, case.heads, case.kv, attn=attn, **case.extra)
-        handle = apply_ulysses(model, group)
+        handle = apply_ulysses(model, group, overlap_chunks=overlap_chunks if sp == 2 else 1)
         shard = shard_batch(case.batch, sp_rank, sp)
         out = model(**shard)
         out.loss.backward()

@@ -22,10 +22,10 @@ class Recorder(pl.Callback):
         self.logged.append(trainer.callback_metrics["train_loss"].item())
 
 
-def _fit(rank, world, sp, steps, accumulate, validate):
+def _fit(rank, world, sp, steps, accumulate, validate, overlap_chunks=1):
     lm, rec = LM(), Recorder()
     train, val = Samples(8, 30), Samples(4, 30, seed=5)
-    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=sp), max_steps=steps, accumulate_grad_batches=accumulate,
+    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=sp, overlap_chunks=overlap_chunks), max_steps=steps, accumulate_grad_batches=accumulate,
                          callbacks=[rec], limit_val_batches=None if validate else 0, **trainer_kwargs())
     trainer.fit(lm, train_dataloaders=loader(train), val_dataloaders=loader(val) if validate else None)
     strategy = trainer.strategy
@@ -37,13 +37,13 @@ def _fit(rank, world, sp, steps, accumulate, validate):
         None if val_loss is None else val_loss.item())
 
 
-@pytest.mark.parametrize("steps,accumulate,validate", [(3, 1, False), (4, 2, True)],
-                         ids=["plain", "accumulate+validate"])
-def test_fit_matches_reference(steps, accumulate, validate):
+@pytest.mark.parametrize("steps,accumulate,validate,overlap_chunks", [(3, 1, False, 1), (4, 2, True, 1), (4, 1, True, 2)],
+                         ids=["plain", "accumulate+validate", "overlap+validate"])
+def test_fit_matches_reference(steps, accumulate, validate, overlap_chunks):
     # 8 samples over dp=2: 4 micro-batches an epoch; with accumulation, validation after epoch 2
     # sees the final weights.
     sp = 2
-    results = run_distributed(_fit, 4, sp, steps, accumulate, validate)
+    results = run_distributed(_fit, 4, sp, steps, accumulate, validate, overlap_chunks)
     ref = LM()
     ref_logged = reference_fit(ref, Samples(8, 30), steps, dp=2, accumulate=accumulate)
     for rank, (logged, local, state, info, val_loss) in enumerate(results):

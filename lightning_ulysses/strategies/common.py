@@ -37,7 +37,8 @@ class UlyssesMixin:
     Must come before the Lightning strategy class in the bases.
     """
 
-    def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool) -> None:
+    def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool,
+                      overlap_chunks: int = 1) -> None:
         if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
             raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
         if eval_mode not in ("sp", "bypass"):
@@ -45,6 +46,9 @@ class UlyssesMixin:
         self._sp_requested = sp
         self._eval_mode = eval_mode
         self._check_batches = check_batches
+        if not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be a positive integer, got {overlap_chunks!r}.")
+        self._overlap_chunks = overlap_chunks
         self._dims: ParallelDims | None = None
         self._handles: list[UlyssesHandle] = []
         self._collates: list[tuple[DataLoader, Any]] = []
@@ -178,7 +182,10 @@ class UlyssesMixin:
                 "UlyssesStrategy found no transformers PreTrainedModel in the LightningModule; without one the "
                 "sharded sequences would be attended locally. Build the HF model in __init__ or configure_model."
             )
-        self._handles = [apply_ulysses(m, self.sp_group, eval_mode=self._eval_mode) for m in models]
+        self._handles = [
+            apply_ulysses(m, self.sp_group, eval_mode=self._eval_mode, overlap_chunks=self._overlap_chunks)
+            for m in models
+        ]
         self.lightning_module._device_mesh = self.device_mesh
 
     def _adapt_throughput(self, trainer: Any) -> None:

@@ -28,6 +28,8 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             ``"bypass"`` runs the models unpatched in eval mode on full sequences.
         check_batches: compare a fingerprint of each batch across the SP group and raise if peers
             received different samples (one tiny all-gather per step).
+        overlap_chunks: head groups per rank whose all-to-alls overlap another group's attention
+            (see :func:`~lightning_ulysses.apply_ulysses`); 1 overlaps nothing.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
@@ -47,6 +49,7 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         sp: int | Literal["auto"] = "auto",
         eval_mode: Literal["sp", "bypass"] = "sp",
         check_batches: bool = True,
+        overlap_chunks: int = 1,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         gradient_as_bucket_view: bool = False,
@@ -62,7 +65,7 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,
         )
-        self._init_ulysses(sp, eval_mode, check_batches)
+        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks)
 
     @override
     def _configure_launcher(self) -> None:

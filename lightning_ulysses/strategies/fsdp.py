@@ -43,7 +43,7 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         offload_activations: with checkpointing, keep each layer's input on the CPU between
             forward and backward.
         reshard_after_forward: FSDP2's option; ``False`` trades memory for one all-gather less.
-        eval_mode / check_batches: as in :class:`~lightning_ulysses.UlyssesStrategy`.
+        eval_mode / check_batches / overlap_chunks: as in :class:`~lightning_ulysses.UlyssesStrategy`.
         save_distributed_checkpoint: ``True`` writes a sharded (DCP) checkpoint folder; ``False``
             gathers a single full checkpoint file on rank 0.
         process_group_backend / timeout: as in Lightning.
@@ -62,6 +62,7 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         reshard_after_forward: bool = True,
         eval_mode: Literal["sp", "bypass"] = "sp",
         check_batches: bool = True,
+        overlap_chunks: int = 1,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -82,7 +83,7 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         self._offload_activations = offload_activations
         self._reshard_after_forward = reshard_after_forward
         self._ac_handles: list[CheckpointHandle] = []
-        self._init_ulysses(sp, eval_mode, check_batches)
+        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks)
 
     @override
     def _configure_launcher(self) -> None:
