@@ -4,11 +4,15 @@ One training step (forward + backward, after ``--warmup`` unprofiled steps) of t
 ``bench_step.py`` runs with ``apply_ulysses`` on ``sp`` gloo processes under
 ``torch.profiler.profile`` (CPU activity, no shapes). Time is attributed on each rank's main thread:
 
-* **all-to-all fwd**: the ``ulysses/all_to_all`` ranges (``lightning_ulysses.comm``), which include
-  packing the send buffer and waiting for the exchange;
+* **all-to-all fwd**: the ``ulysses/all_to_all`` ranges (``lightning_ulysses.comm``): the exchange
+  including waiting for the slowest peer (the copies that pack the send buffers count as rest);
 * **all-to-all bwd**: the autograd nodes of the inverse exchanges
   (``autograd::engine::evaluate_function: ...all_to_all_single...Backward``): the library's
   ``record_function`` ranges cover the forward only;
+* with ``--overlap-chunks N`` the exchanges run asynchronously: all-to-all is then the time this
+  rank's main thread spends *starting* exchanges and *blocked waiting* for them
+  (``ulysses/all_to_all/launch`` and ``.../wait``, forward and backward), i.e. the part of the
+  communication that compute did not hide;
 * **attention fwd**: the ``ulysses/attention/<backend>`` ranges (the backend on the full sequence);
 * **attention bwd**: the autograd nodes of the attention kernel (``ScaledDotProduct...Backward`` for sdpa;
   for eager there is no single kernel and this column stays 0);
@@ -25,6 +29,7 @@ share and can overlap compute) — use it to compare configurations on this mach
 
     python benchmarks/bench_profile.py                     # seq 4096, sp 2 4: ~1 min on 2 cores
     python benchmarks/bench_profile.py --seq 8192 --sp 2 --steps 3
+    python benchmarks/bench_profile.py --overlap-chunks 1 2      # exposed all-to-all without / with overlap
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_ulysses import apply_ulysses
-from lightning_ulysses.comm import PROFILE_LABEL
+from lightning_ulysses.comm import LAUNCH_LABEL, PROFILE_LABEL, WAIT_LABEL
 from lightning_ulysses.data import shard_batch
 from lightning_ulysses.mesh import build_mesh
 
@@ -62,6 +67,8 @@ def _is_top(event, labels) -> bool:
 def _classify(name: str) -> str | None:
     if name == PROFILE_LABEL:
         return "a2a_fwd"
+    if name in (LAUNCH_LABEL, WAIT_LABEL):
+        return "a2a_async"  # forward or backward: decided by the ancestors (see _kind)
     if name.startswith(ATTN_LABEL):
         return "attn_fwd"
     if name.startswith(ENGINE):
@@ -73,11 +80,23 @@ def _classify(name: str) -> str | None:
     return None
 
 
-def _worker(rank: int, world: int, cfg: dict, seq: int, warmup: int, steps: int) -> list[dict]:
+def _kind(event) -> str | None:
+    kind = _classify(event.name)
+    if kind != "a2a_async":
+        return kind
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(ENGINE):
+            return "a2a_bwd"
+        parent = parent.cpu_parent
+    return "a2a_fwd"
+
+
+def _worker(rank: int, world: int, cfg: dict, seq: int, warmup: int, steps: int, chunks: int) -> list[dict]:
     dims = build_mesh("cpu", world)
     model = _common.llama(**cfg)
     model.train()
-    apply_ulysses(model, dims.sp_group)
+    apply_ulysses(model, dims.sp_group, overlap_chunks=chunks)
     batch = shard_batch(_common.full_batch(seq, cfg["vocab"]), dims.sp_rank, world)
     for _ in range(warmup):
         model.zero_grad(set_to_none=True)
@@ -93,7 +112,7 @@ def _worker(rank: int, world: int, cfg: dict, seq: int, warmup: int, steps: int)
         split = {"a2a_fwd": 0.0, "a2a_bwd": 0.0, "attn_fwd": 0.0, "attn_bwd": 0.0}
         counts = dict.fromkeys(split, 0)
         for event in prof.events():
-            kind = _classify(event.name)
+            kind = _kind(event)
             if kind is None or not _is_top(event, lambda n: _classify(n) is not None):
                 continue
             split[kind] += event.cpu_time_total / 1e6  # us -> s (wall time of the range on this thread)
@@ -108,6 +127,8 @@ def main() -> None:
     parser.add_argument("--sp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1, help="profiled steps (shares averaged)")
+    parser.add_argument("--overlap-chunks", type=int, nargs="+", default=[1],
+                        help="apply_ulysses(overlap_chunks=...) values to profile, one row each")
     _common.add_model_args(parser)
     args = parser.parse_args()
     t_start = time.perf_counter()
@@ -119,8 +140,8 @@ def main() -> None:
           f"{args.threads_per_process} torch thread(s) per process; {args.steps} profiled step(s) after "
           f"{args.warmup} warm-up")
     rows = []
-    for sp in args.sp:
-        per_rank = _common.launch(_worker, sp, cfg, args.seq, args.warmup, args.steps,
+    for sp, chunks in [(sp, c) for sp in args.sp for c in args.overlap_chunks]:
+        per_rank = _common.launch(_worker, sp, cfg, args.seq, args.warmup, args.steps, chunks,
                                   threads=args.threads_per_process)
         shares = {k: [] for k in ("a2a_fwd", "a2a_bwd", "attn_fwd", "attn_bwd", "rest", "a2a")}
         steps = []
@@ -136,19 +157,20 @@ def main() -> None:
         c = per_rank[0][0]["counts"]
         pct = {k: statistics.mean(v) * 100 for k, v in shares.items()}
         rows.append([
-            args.seq, sp, f"{statistics.median(steps):.2f}",
+            args.seq, sp, chunks, f"{statistics.median(steps):.2f}",
             f"{pct['a2a']:.1f}% ({min(shares['a2a']) * 100:.1f}-{max(shares['a2a']) * 100:.1f})",
             f"{pct['a2a_fwd']:.1f}% / {pct['a2a_bwd']:.1f}%",
             f"{pct['attn_fwd'] + pct['attn_bwd']:.1f}%", f"{pct['attn_fwd']:.1f}% / {pct['attn_bwd']:.1f}%",
             f"{pct['rest']:.1f}%",
             f"{c['a2a_fwd']}+{c['a2a_bwd']} / {c['attn_fwd']}+{c['attn_bwd']}",
         ])
-        print(f"  sp {sp}: {per_rank}", file=sys.stderr, flush=True)
+        print(f"  sp {sp} overlap_chunks {chunks}: {per_rank}", file=sys.stderr, flush=True)
     print()
-    print(_common.table(["seq", "sp", "step s", "all-to-all (min-max over ranks)", "a2a fwd / bwd", "attention",
+    print(_common.table(["seq", "sp", "overlap chunks", "step s", "all-to-all (min-max over ranks)", "a2a fwd / bwd", "attention",
                          "attn fwd / bwd", "rest", "ranges counted: a2a fwd+bwd / attn fwd+bwd (rank 0)"], rows))
     print()
-    print("Shares of the profiled step's wall time, mean over ranks. NOTE: on CPU/gloo the all-to-all is a "
+    print("Shares of the profiled step's wall time, mean over ranks. With overlap chunks > 1 the all-to-all "
+          "columns are the time spent starting and blocked waiting for exchanges (what compute did not hide). NOTE: on CPU/gloo the all-to-all is a "
           "memcpy-like path on the same cores as the compute and attention is a CPU flash kernel, so this split "
           "differs from NCCL on GPUs; compare configurations on this machine only.")
     print(f"total runtime {time.perf_counter() - t_start:.0f} s")

@@ -64,16 +64,21 @@ def _plain_worker(rank: int, world: int, cfg: dict, seq: int, warmup: int, warmu
 
 
 def _sp_worker(rank: int, world: int, cfg: dict, seqs: list[int], warmup: int, warmup_seq: int, steps: int,
-               use_ds: bool) -> dict:
+               use_ds: bool, overlap_chunks: int) -> dict:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     dims = build_mesh("cpu", world)
     group = dims.sp_group
     ours = _common.llama(**cfg)
     ours.train()
-    handle = apply_ulysses(ours, group)
+    handles = [apply_ulysses(ours, group)]
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     variants = {"ours": ours}
+    if overlap_chunks > 1:
+        overlapped = _common.llama(**cfg)
+        overlapped.train()
+        handles.append(apply_ulysses(overlapped, group, overlap_chunks=overlap_chunks))
+        variants["overlap"] = overlapped
     if use_ds:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -112,8 +117,9 @@ def _sp_worker(rank: int, world: int, cfg: dict, seqs: list[int], warmup: int, w
         times = {name: [] for name in variants}
         losses = {}
         for i, batch in enumerate(batches):
-            # who goes first alternates, so neither side always inherits the other's warm caches
-            order = list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]
+            # who goes first rotates, so no variant always inherits another's warm caches
+            names = list(variants)
+            order = [(n, variants[n]) for n in names[i % len(names):] + names[:i % len(names)]]
             for name, model in order:
                 ALL_ATTENTION_FUNCTIONS["sdpa"] = ds_sdpa if name == "deepspeed" else sdpa
                 model.zero_grad(set_to_none=True)
@@ -121,7 +127,7 @@ def _sp_worker(rank: int, world: int, cfg: dict, seqs: list[int], warmup: int, w
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch.distributed.nn deprecation, once per step
-                    loss = model(**batch).loss if name == "ours" else ds_step(model, batch)
+                    loss = ds_step(model, batch) if name == "deepspeed" else model(**batch).loss
                     loss.backward()
                 elapsed = time.perf_counter() - t0
                 if i >= warmup:
@@ -130,8 +136,15 @@ def _sp_worker(rank: int, world: int, cfg: dict, seqs: list[int], warmup: int, w
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
         results[seq] = {name: _common.max_over_ranks(t) for name, t in times.items()}
         results[seq]["loss"] = losses
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     return results
+
+
+def _paired(a: list[float], b: list[float], b_name: str) -> str:
+    # Steps interleave: the ratio within each round cancels slow load drift.
+    ratios = [x / y for x, y in zip(a, b)]
+    return f"{_common.median(ratios):.2f} ({b_name} {_common.median(b):.2f} s, pairs {min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main() -> None:
@@ -144,6 +157,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps (median reported)")
     _common.add_model_args(parser)
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed column")
+    parser.add_argument("--overlap-chunks", type=int, default=1,
+                        help="also time apply_ulysses(overlap_chunks=N) (head groups whose exchanges overlap "
+                             "attention) in the same run; 1: skip")
     args = parser.parse_args()
 
     cfg = _common.model_config(args)
@@ -178,11 +194,12 @@ def main() -> None:
                 print(f"  seq {seq} sp 1: {r['ours']}", file=sys.stderr)
         else:
             out = _common.launch(_sp_worker, sp, cfg, args.seq, args.warmup, args.warmup_seq, args.steps, use_ds,
-                                 threads=threads)[0]
+                                 args.overlap_chunks, threads=threads)[0]
             for seq, r in out.items():
                 res[(seq, sp)] = r
                 print(f"  seq {seq} sp {sp}: {r}", file=sys.stderr)
 
+    with_overlap = args.overlap_chunks > 1 and any(sp > 1 for sp in args.sp)
     rows = []
     for seq in args.seq:
         base = res.get((seq, 1))
@@ -194,20 +211,27 @@ def main() -> None:
             if sp == 1:
                 ds = "n/a (no SP)"
             elif "deepspeed" in r:
-                # steps alternate ours / DeepSpeed: the ratio of each adjacent pair cancels slow load drift
-                paired = [a / b for a, b in zip(r["ours"], r["deepspeed"])]
-                ds = (f"{_common.median(paired):.2f} (DS {_common.median(r['deepspeed']):.2f} s, "
-                      f"pairs {min(paired):.2f}-{max(paired):.2f})")
+                ds = _paired(r["ours"], r["deepspeed"], "DS")
             else:
                 ds = "skipped"
-            rows.append([seq, sp, f"{t:.2f}", f"{_common.spread(r['ours']) * 100:.0f}%", ratio, f"{seq / t:,.0f}", ds])
+            row = [seq, sp, f"{t:.2f}", f"{_common.spread(r['ours']) * 100:.0f}%", ratio, f"{seq / t:,.0f}", ds]
+            if with_overlap:
+                if sp == 1:
+                    row += ["n/a (no SP)", "n/a (no SP)"]
+                else:
+                    row.append(_paired(r["overlap"], r["ours"], "ours"))
+                    row.append(_paired(r["overlap"], r["deepspeed"], "DS") if "deepspeed" in r else "skipped")
+            rows.append(row)
     print()
-    print(_common.table(["seq", "sp", "step s (median)", "spread", "step / no-SP step", "tokens/s",
-                         "ours / DeepSpeed step"], rows))
+    header = ["seq", "sp", "step s (median)", "spread", "step / no-SP step", "tokens/s", "ours / DeepSpeed step"]
+    if with_overlap:
+        header += [f"overlap_chunks={args.overlap_chunks} / ours", f"overlap_chunks={args.overlap_chunks} / DeepSpeed"]
+    print(_common.table(header, rows))
     print()
     print("step = slowest rank's forward+backward; tokens/s = seq / step (one SP group, batch 1); "
-          "ratios < 1 mean ours is faster. spread = (max-min)/median over the timed steps. ours / DeepSpeed = "
-          "median over step pairs (ours and DeepSpeed steps alternate) of ours / DeepSpeed; 'pairs' = its range.")
+          "ratios < 1 mean ours is faster. spread = (max-min)/median over the timed steps. a / b = "
+          "median over the steps of a's time / b's time in the same step round (the variants' steps "
+          "interleave); 'pairs' = its range.")
     over = [sp for sp in args.sp if sp * threads > cores]
     if over:
         print(f"note: sp {over} x {threads} thread(s) > {cores} cores: those processes time-share the cores, so "
