@@ -23,7 +23,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_fit_from_yaml_through_script_launcher():
-    res = _run("fit", "--config", "examples/configs/cpu_tiny.yaml", "--trainer.strategy.init_args.sp=2", *SMALL)
+    res = _run("fit", "--config", "examples/configs/cpu_tiny.yaml", "--trainer.strategy.init_args.sp=2",
+               "--trainer.strategy.init_args.overlap_chunks=2", *SMALL)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Starting with 2 processes" in res.stdout + res.stderr  # the script launcher started a second one
     assert "step    2  loss" in res.stdout and "(sp=2, dp=1, seq=64)" in res.stdout
@@ -40,6 +41,7 @@ def test_cli_help_shows_strategy_arguments_not_ddp_internals():
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout
     assert "--trainer.strategy.sp SP" in text and "--trainer.strategy.eval_mode" in text
+    assert "--trainer.strategy.overlap_chunks" in text
     for internal in ("ddp_comm_hook", "ddp_comm_state", "model_averaging_period", "parallel_devices",
                      "cluster_environment"):
         assert internal not in text, internal

@@ -24,7 +24,7 @@ def _fit(rank, world, kw, clip):
                          gradient_clip_val=clip, **trainer_kwargs())
     trainer.fit(lm, train_dataloaders=loader(Samples(8, 30)))
     layer = lm.model.model.layers[0]
-    return rec.logged, _full_state(lm), type(layer).__name__, "forward" in vars(layer)
+    return rec.logged, _full_state(lm), type(layer).__name__, "forward" in vars(layer), rec.overlap_chunks
 
 
 CASES = {
@@ -63,7 +63,8 @@ def test_fsdp_fit_matches_reference(case):
         ref_logged = reference_fit(ref, Samples(8, 30), 3, dp=2)
     else:
         ref, ref_logged = _clipped_reference(clip)
-    logged, state, layer_cls, patched = results[0]
+    logged, state, layer_cls, patched, overlap = results[0]
+    assert overlap == {kw.get("overlap_chunks", 1)}
     assert layer_cls.startswith("FSDP"), "decoder layers were not sharded"
     assert not patched, "activation checkpointing left a patched forward after teardown"
     for r in results:

@@ -17,9 +17,12 @@ class Recorder(pl.Callback):
 
     def __init__(self):
         self.logged = []
+        self.overlap_chunks = set()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.logged.append(trainer.callback_metrics["train_loss"].item())
+        handles = getattr(trainer.strategy, "_handles", [])
+        self.overlap_chunks.update(h.overlap_chunks for h in handles)
 
 
 def _fit(rank, world, sp, steps, accumulate, validate, overlap_chunks=1):
@@ -31,7 +34,7 @@ def _fit(rank, world, sp, steps, accumulate, validate, overlap_chunks=1):
     strategy = trainer.strategy
     info = dict(sp_rank=strategy.sp_rank, dp_rank=strategy.dp_rank, sp=strategy.sp_size, dp=strategy.dp_size,
                 mesh=tuple(strategy.device_mesh.mesh.shape), attn=lm.model.config._attn_implementation,
-                has_forward=("forward" in vars(lm.model)))
+                has_forward=("forward" in vars(lm.model)), overlap_chunks=rec.overlap_chunks)
     val_loss = trainer.callback_metrics.get("val_loss")
     return rec.logged, lm.step_losses, {k: v.clone() for k, v in lm.state_dict().items()}, info, (
         None if val_loss is None else val_loss.item())
@@ -50,6 +53,7 @@ def test_fit_matches_reference(steps, accumulate, validate, overlap_chunks):
         assert info["sp_rank"] == rank % 2 and info["dp_rank"] == rank // 2 and info["mesh"] == (2, 2)
         assert info["attn"] == "sdpa" and not info["has_forward"], "patch left behind after teardown"
         assert len(logged) == steps * accumulate
+        assert info["overlap_chunks"] == {overlap_chunks}, "the strategy did not apply its overlap_chunks"
         assert_close_rel(torch.tensor(logged), torch.tensor(ref_logged), name="logged train_loss")
         for k, v in ref.state_dict().items():
             assert_close_rel(state[k], v, name=k)
