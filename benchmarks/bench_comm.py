@@ -2,9 +2,10 @@
 
 For ``sp`` in ``--sp`` and three head layouts of an 8-head Llama (MHA 8/8, GQA 8/2, MQA 8/1), one
 forward + backward of the model with ``apply_ulysses`` runs under
-``torch.profiler.profile(record_shapes=True)``. Every ``_c10d_functional::all_to_all_single`` op is
-classified as *forward* (inside a ``ulysses/all_to_all`` range) or *backward* (run by the autograd
-engine, the inverse exchange); its first input is the send buffer ``[sp, b, s/sp, heads, d]``.
+``torch.profiler.profile(record_shapes=True)``. Every ``_c10d_functional::all_to_all_single`` op (and,
+with ``--overlap-chunks``, every asynchronous ``c10d::alltoall_base_``) is classified as *forward*
+(inside a ``ulysses/all_to_all`` range) or *backward* (run by the autograd engine, the inverse
+exchange); its send buffer is ``[sp, b, s/sp, heads, d]``.
 
 Counting convention (all per layer, per rank, one direction = what this rank sends):
 
@@ -33,6 +34,7 @@ viewed as ``[b, H, s/sp, d]``), with K/V already replicated to ``Hkv_eff`` heads
 
     python benchmarks/bench_comm.py                 # sp 2 4, ~1 min on 2 cores
     python benchmarks/bench_comm.py --seq 4096 --exchange-seq 16384 --repeats 30
+    python benchmarks/bench_comm.py --overlap-chunks 2   # volume of the overlapped path (2 head groups)
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_ulysses import apply_ulysses
-from lightning_ulysses.comm import PROFILE_LABEL, heads_from_sequence
+from lightning_ulysses.comm import LAUNCH_LABEL, PROFILE_LABEL, heads_from_sequence
 from lightning_ulysses.data import shard_batch
 
 LAYOUTS = {"MHA": 8, "GQA": 2, "MQA": 1}  # KV heads of an 8-head model
-A2A_OP = "_c10d_functional::all_to_all_single"
+# the functional op of the default path, the c10d op of the overlapped (asynchronous) path
+A2A_OPS = {"_c10d_functional::all_to_all_single": 0, "c10d::alltoall_base_": 1}  # -> index of the send buffer
+ENGINE = "autograd::engine::evaluate_function"
 COLLECTIVE_PREFIX = "c10d::"
 
 
@@ -68,14 +72,17 @@ def _profile_step(model, batch) -> dict:
     sends = {"forward": [], "backward": []}
     other = Counter()
     for event in prof.events():
-        if event.name == A2A_OP:
+        if event.name in A2A_OPS:
             names = list(_ancestors(event))
-            if PROFILE_LABEL in names:
-                sends["forward"].append(list(event.input_shapes[0]))
-            elif any(n.startswith("autograd::engine::evaluate_function") for n in names):
-                sends["backward"].append(list(event.input_shapes[0]))
+            if any(n in A2A_OPS for n in names):
+                continue  # the functional op runs the c10d one inside: count each exchange once
+            send = list(event.input_shapes[A2A_OPS[event.name]])
+            if any(n.startswith(ENGINE) for n in names):
+                sends["backward"].append(send)
+            elif PROFILE_LABEL in names or LAUNCH_LABEL in names:
+                sends["forward"].append(send)
             else:
-                sends.setdefault("unclassified", []).append(list(event.input_shapes[0]))
+                sends.setdefault("unclassified", []).append(send)
         elif event.name.startswith(COLLECTIVE_PREFIX) and "alltoall" not in event.name:
             other[event.name[len(COLLECTIVE_PREFIX):].rstrip("_")] += 1
     return {"sends": sends, "other": dict(other)}
@@ -110,7 +117,7 @@ def _worker(rank: int, world: int, args: dict) -> dict:
         model = _common.llama(hidden=8 * args["head_dim"], layers=args["layers"], heads=8, kv_heads=kv,
                               vocab=args["vocab"], intermediate=2 * 8 * args["head_dim"])
         model.train()
-        handle = apply_ulysses(model, dist.group.WORLD)
+        handle = apply_ulysses(model, dist.group.WORLD, overlap_chunks=args["overlap_chunks"])
         batch = shard_batch(_common.full_batch(args["seq"], args["vocab"]), rank, world)
         model(**batch).loss.backward()  # warm-up outside the profiler
         model.zero_grad(set_to_none=True)
@@ -131,13 +138,15 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--exchange-seq", type=int, default=8192, help="sequence length of the fused/separate timing")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--overlap-chunks", type=int, default=1,
+                        help="profile apply_ulysses(overlap_chunks=N): N head groups, 2N exchanges per layer and direction")
     args = parser.parse_args()
     t_start = time.perf_counter()
 
     d, s, hq, esize = args.head_dim, args.seq, 8, 4  # float32
     print(f"# bench_comm: {_common.machine()}")
     print(f"model: Llama 8 heads x head_dim {d} (hidden {8 * d}), {args.layers} layers, float32, sdpa; "
-          f"one forward+backward at seq {s}, batch 1; 1 torch thread per process")
+          f"one forward+backward at seq {s}, batch 1; 1 torch thread per process; overlap_chunks {args.overlap_chunks}")
     results = {sp: _common.launch(_worker, sp, vars(args), threads=1) for sp in args.sp}
 
     rows, other_rows, timing_rows = [], [], []
