@@ -96,8 +96,7 @@ class HeadLayout:
         share whole KV heads: either the KV heads split evenly over the groups, or each KV head
         serves a whole number of groups.
         """
-        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-            raise ValueError(f"overlap_chunks must be a positive integer, got {chunks!r}.")
+        check_overlap_chunks(chunks)
         if chunks not in self.overlap_choices():
             raise ValueError(
                 f"overlap_chunks={chunks} cannot split this rank's {self.local_heads} query / {self.local_kv_heads} KV "
@@ -105,6 +104,14 @@ class HeadLayout:
                 f"into equal groups that share whole KV heads. Choose overlap_chunks from {self.overlap_choices()}."
             )
         return chunks
+
+
+def check_overlap_chunks(chunks: int) -> int:
+    """``overlap_chunks`` must be a positive integer (whether it suits the heads is
+    :meth:`HeadLayout.check_overlap`'s question, answerable once the model is known)."""
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"overlap_chunks must be a positive integer, got {chunks!r}.")
+    return chunks
 
 
 class _BackendConfigView:

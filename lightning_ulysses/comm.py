@@ -56,6 +56,13 @@ def destination_major(x: Tensor, sp: int) -> Tensor:
     return x.transpose(1, 2).unflatten(2, (sp, h)).permute(2, 0, 1, 3, 4)
 
 
+def sequence_major(x: Tensor, sp: int) -> Tensor:
+    """``[batch, seq, heads, head_dim]`` → contiguous ``[sp, batch, seq/sp, heads, head_dim]``:
+    the send buffer of the inverse exchange (dim 0: the destination rank = sequence chunk)."""
+    b, s, h, d = x.shape
+    return x.reshape(b, sp, s // sp, h, d).transpose(0, 1).contiguous()
+
+
 def pack_send(parts: Sequence[Tensor]) -> Tensor:
     """Concatenate destination-major parts ``[sp, b, s/sp, h_i, d]`` into one contiguous send buffer."""
     return torch.cat(list(parts), dim=3) if len(parts) > 1 else parts[0].contiguous()
@@ -115,13 +122,6 @@ def sequence_from_heads(x: Tensor, group: ProcessGroup) -> Tensor:
     recv = _all_to_all(sequence_major(x, sp), group)  # [sp (source = head group), b, s/sp, h, d]
     b, s_local, h, d = recv.shape[1:]
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s_local, sp * h, d)
-
-
-def sequence_major(x: Tensor, sp: int) -> Tensor:
-    """``[batch, seq, heads, head_dim]`` → contiguous ``[sp, batch, seq/sp, heads, head_dim]``:
-    the send buffer of the inverse exchange (dim 0: the destination rank = sequence chunk)."""
-    b, s, h, d = x.shape
-    return x.reshape(b, sp, s // sp, h, d).transpose(0, 1).contiguous()
 
 
 # -- exchanges that overlap compute ------------------------------------------------------------

@@ -118,7 +118,9 @@ class UlyssesHandle:
                 "again (the Ulysses strategies apply it for you in setup)."
             )
         self.backend = check_backend(config._attn_implementation)
-        self.overlap_chunks = self.layout.check_overlap(overlap_chunks)
+        # Built (and its overlap_chunks validated) before anything of the model is touched.
+        attention = make_ulysses_attention(self.backend, self.layout, self._context_from, overlap_chunks)
+        self.overlap_chunks = overlap_chunks
         self.name = f"ulysses_{next(_ids)}"
         self._bypass_depth = 0
         self._current: ForwardContext | None = None
@@ -126,9 +128,7 @@ class UlyssesHandle:
 
         from transformers.modeling_utils import AttentionInterface
 
-        AttentionInterface.register(
-            self.name, make_ulysses_attention(self.backend, self.layout, self._context_from, self.overlap_chunks)
-        )
+        AttentionInterface.register(self.name, attention)
         self._saved_attn = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
         self._set_attn(self.name)
 

@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..attention import check_overlap_chunks
 from ..comm import gather_sequence
 from ..data import FINGERPRINT_KEY, ShardingCollate
 from ..hf import UlyssesHandle, apply_ulysses, find_hf_models
@@ -46,9 +47,7 @@ class UlyssesMixin:
         self._sp_requested = sp
         self._eval_mode = eval_mode
         self._check_batches = check_batches
-        if not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1:
-            raise ValueError(f"overlap_chunks must be a positive integer, got {overlap_chunks!r}.")
-        self._overlap_chunks = overlap_chunks
+        self._overlap_chunks = check_overlap_chunks(overlap_chunks)  # early; the heads are checked in setup
         self._dims: ParallelDims | None = None
         self._handles: list[UlyssesHandle] = []
         self._collates: list[tuple[DataLoader, Any]] = []
