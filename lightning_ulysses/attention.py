@@ -25,7 +25,7 @@ from .comm import (
 from .masks import SUPPORTED_BACKENDS
 
 if TYPE_CHECKING:
-    from .hf import ForwardContext
+    from .context import ForwardContext
 
 
 @dataclass(frozen=True)

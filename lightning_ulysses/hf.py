@@ -30,44 +30,14 @@ from torch.distributed import ProcessGroup
 
 from .attention import HeadLayout, check_backend, make_ulysses_attention
 from .comm import gather_sequence
+from .context import CONTEXT_KWARG, ForwardContext
 from .loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from .masks import SequenceMetadata
 from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
 
-CONTEXT_KWARG = "ulysses_context"
 IGNORE_INDEX = -100
 _MISSING = object()
 _ids = itertools.count()
-
-
-class ForwardContext:
-    """Per-forward state shared by every layer's attention and by the loss.
-
-    A plain class on purpose: wrappers that walk forward kwargs (FSDP2's mixed-precision input
-    cast, for one) rebuild dataclasses and containers, and the layers must all see this object.
-
-    Attributes:
-        group: the SP process group all collectives of this forward run on.
-        sp_rank: this rank's index in ``group`` (= its sequence chunk).
-        sp_size: ``sp``.
-        local_len: ``seq / sp`` tokens held by this rank.
-        metadata: full-sequence positions, padding and documents.
-        num_valid: labels that count toward the loss over the whole sequence (all SP ranks).
-    """
-
-    __slots__ = ("group", "sp_rank", "sp_size", "local_len", "metadata", "num_valid", "attention_calls",
-                 "loss_calls")
-
-    def __init__(self, group: ProcessGroup, sp_rank: int, sp_size: int, local_len: int,
-                 metadata: SequenceMetadata, num_valid: Tensor | int) -> None:
-        self.group = group
-        self.sp_rank = sp_rank
-        self.sp_size = sp_size
-        self.local_len = local_len
-        self.metadata = metadata
-        self.num_valid = num_valid
-        self.attention_calls = 0
-        self.loss_calls = 0
 
 
 def _config_tree(config: Any) -> Iterator[Any]:

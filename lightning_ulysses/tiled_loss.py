@@ -18,7 +18,8 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from .hf import CONTEXT_KWARG, IGNORE_INDEX
+from .context import CONTEXT_KWARG
+from .hf import IGNORE_INDEX
 from .loss import shift_labels_full, sp_mean
 from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
 from .tiled import agree_on_shards, tiled_causal_lm_loss_sum
