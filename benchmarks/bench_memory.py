@@ -46,10 +46,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses
-from lightning_ulysses.checkpointing import checkpoint_decoder_layers
+from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
 from lightning_ulysses.data import shard_batch
-from lightning_ulysses.tiled import tile_mlps
-from lightning_ulysses.tiled_loss import apply_tiled_loss
+from lightning_ulysses.tiling import apply_tiled_loss, tile_mlps
 
 CONFIGS = {
     "plain": (False, False),

@@ -3,8 +3,8 @@
 Cases (each forward + backward, on one process; no process group):
 
 * ``lm-loss``: summed cross-entropy through an LM head on ``[batch, seq, hidden]`` hidden states, untiled
-  (full ``[batch, seq, vocab]`` logits) vs :func:`lightning_ulysses.tiled.tiled_causal_lm_loss_sum`;
-* ``mlp``: a HF ``LlamaMLP`` untiled vs :class:`lightning_ulysses.tiled.TiledMLP`.
+  (full ``[batch, seq, vocab]`` logits) vs :func:`lightning_ulysses.tiling.tiled_causal_lm_loss_sum`;
+* ``mlp``: a HF ``LlamaMLP`` untiled vs :class:`lightning_ulysses.tiling.TiledMLP`.
 
 Every case runs in a fresh subprocess so peaks do not leak between cases. Peak memory is the extra memory
 above what the inputs and weights already use: on CPU the growth of ``ru_maxrss`` over its value right
@@ -45,7 +45,7 @@ def _worker(spec: dict) -> dict:
     from torch import nn
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lightning_ulysses.tiled import TiledMLP, sequence_tiled_compute, tiled_causal_lm_loss_sum
+    from lightning_ulysses.tiling import TiledMLP, sequence_tiled_compute, tiled_causal_lm_loss_sum
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -6,8 +6,7 @@ from .data import shard_batch
 from .hf import UlyssesHandle, apply_ulysses
 from .packing import PackedDataset, PackingCollator, pack_documents
 from .strategies import UlyssesFSDPStrategy, UlyssesStrategy
-from .tiled import SequenceTiledCompute, TiledMLP, sequence_tiled_compute, tile_mlps
-from .tiled_loss import apply_tiled_loss
+from .tiling import SequenceTiledCompute, TiledMLP, apply_tiled_loss, sequence_tiled_compute, tile_mlps
 
 __all__ = [
     "PackedDataset",

@@ -7,16 +7,15 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 
 from .hf import find_hf_models
-from .tiled import TiledMLPHandle, tile_mlps
-from .tiled_loss import DEFAULT_TILE_BYTES, TiledLossHandle, apply_tiled_loss
+from .tiling import DEFAULT_TILE_BYTES, TiledLossHandle, TiledMLPHandle, apply_tiled_loss, tile_mlps
 
 
 class TiledLossCallback(pl.Callback):
     """Compute the causal-LM training loss without materialising ``[batch, seq, vocab]`` logits.
 
     In ``setup`` every transformers ``PreTrainedModel`` of the LightningModule gets
-    :func:`~lightning_ulysses.tiled_loss.apply_tiled_loss` (and, with ``tile_mlp``, its MLPs are
-    tiled along the sequence by :func:`~lightning_ulysses.tiled.tile_mlps`); ``teardown`` undoes
+    :func:`~lightning_ulysses.tiling.apply_tiled_loss` (and, with ``tile_mlp``, its MLPs are
+    tiled along the sequence by :func:`~lightning_ulysses.tiling.tile_mlps`); ``teardown`` undoes
     both. ``out.loss`` keeps its meaning — under ``UlyssesStrategy``, the exact token mean of the
     whole sequence — and training outputs carry ``logits=None``. Eval and predict return logits
     unless ``tile_in_eval``. Works with and without the Ulysses strategies.

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.checkpointing import checkpoint_decoder_layers
+from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
 from lightning_ulysses.mesh import build_mesh
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import tiny_model, tokens

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lightning_ulysses import UlyssesFSDPStrategy
-from lightning_ulysses.checkpoint import consolidate_checkpoint
+from lightning_ulysses.convert_checkpoint import consolidate_checkpoint
 from tests.distributed import assert_close_rel, run_distributed
 from tests.lightning_setup import LM, Samples, loader, reference_fit, trainer_kwargs
 from tests.test_strategy import Recorder
@@ -151,7 +151,7 @@ def test_consolidate_command_line(tmp_path):
     import sys
 
     out = tmp_path / "out.ckpt"
-    res = subprocess.run([sys.executable, "-m", "lightning_ulysses.checkpoint", path, str(out)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "lightning_ulysses.convert_checkpoint", path, str(out)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert set(torch.load(out, weights_only=False)["state_dict"]) == set(LM().state_dict())

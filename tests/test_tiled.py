@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ulysses.tiled import (
+from lightning_ulysses.tiling import (
     TiledMLP,
     agree_on_shards,
     sequence_tiled_compute,

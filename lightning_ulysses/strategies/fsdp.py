@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from typing_extensions import override
 
-from ..checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
+from ..activation_checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
 from ..hf import find_hf_models
 from .common import UlyssesMixin
 

@@ -1,4 +1,4 @@
-"""Causal-LM loss from hidden states, tile by tile through the LM head (DESIGN §5).
+"""The tiled loss installed on a transformers causal LM: :func:`apply_tiled_loss` (see docs/tiling.md).
 
 :func:`apply_tiled_loss` wraps a transformers causal LM's forward (inside the Ulysses wrapper, so
 under SP it sees the prepared ``shift_labels`` and forward context): when labels are given in
@@ -18,11 +18,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from .context import CONTEXT_KWARG
-from .hf import IGNORE_INDEX
-from .loss import shift_labels_full, sp_mean
-from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
-from .tiled import agree_on_shards, tiled_causal_lm_loss_sum
+from ..context import CONTEXT_KWARG
+from ..hf import IGNORE_INDEX
+from ..loss import shift_labels_full, sp_mean
+from ..patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
+from .lm_loss import tiled_causal_lm_loss_sum
+from .shards import agree_on_shards
 
 DEFAULT_TILE_BYTES = 256 * 2**20
 

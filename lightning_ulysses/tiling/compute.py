@@ -1,9 +1,9 @@
-"""Sequence tiling: run a per-token computation tile by tile along the sequence to cap activation memory.
+"""Generic sequence tiling: an autograd function that runs a per-token computation tile by tile.
 
-With Ulysses sequence parallelism each rank still holds ``seq / sp`` tokens of every activation, and the
-per-token parts of a decoder (the MLP, the LM head + cross-entropy) have the largest intermediates:
-``[batch, seq, intermediate]`` for the MLP and ``[batch, seq, vocab]`` logits for the loss. Because
-these computations are independent per token, they can be computed on sequence tiles:
+The per-token parts of a decoder (the MLP, the LM head + cross-entropy) have the largest
+intermediates once attention is sharded: ``[batch, seq, intermediate]`` for the MLP and
+``[batch, seq, vocab]`` logits for the loss. Because they are independent per token, they can be
+computed on sequence tiles:
 
 * forward runs every tile under ``torch.no_grad()`` and keeps only the (small) concatenated output;
 * backward recomputes each tile with grad enabled and backpropagates it on the spot, so at most one
@@ -14,88 +14,28 @@ each parameter's gradient-accumulation hook once per tile, which breaks DDP ("Ex
 variable ready only once") and makes FSDP reduce-scatter partial gradients. Here the parameters are
 explicit inputs of the autograd function: backward sums their per-tile gradients with
 ``torch.autograd.grad`` (which never touches ``.grad``) and returns the sum, so autograd accumulates
-each parameter exactly once per backward, as if the computation were untiled.
+each parameter exactly once per backward, as if the computation were untiled
+(docs/tiling.md explains why every gradient is also scaled by the upstream gradient).
 
-Nothing in this module communicates except :func:`agree_on_shards` (and ``shards="auto"`` in
-:func:`tile_mlps` / :class:`TiledMLP`, which calls it).
+Nothing here communicates; agree on the tile count first (:func:`.shards.agree_on_shards`) when
+``fn`` does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "SequenceTiledCompute",
-    "TiledMLP",
-    "TiledMLPHandle",
-    "agree_on_shards",
-    "sequence_tiled_compute",
-    "tile_bounds",
-    "tile_mlps",
-    "tiled_causal_lm_loss_sum",
-]
+from .shards import tile_bounds
+
+__all__ = ["SequenceTiledCompute", "sequence_tiled_compute"]
 
 _REDUCTIONS = (None, "mean", "sum")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-# --------------------------------------------------------------------------------------------------
-# tiling helpers
-# --------------------------------------------------------------------------------------------------
-def tile_bounds(seqlen: int, shards: int) -> list[tuple[int, int]]:
-    """``(start, end)`` of each tile of a sequence of ``seqlen`` tokens split into ``shards`` tiles.
-
-    Sizes follow :func:`torch.tensor_split` (the first ``seqlen % n`` tiles are one token longer), with
-    ``n = min(shards, seqlen)`` so no tile is ever empty: a sequence shorter than ``shards`` gives
-    ``seqlen`` tiles of one token. An empty sequence gives a single empty tile so ``fn`` still runs once
-    and the output keeps its shape.
-    """
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
-    n = max(1, min(shards, seqlen))
-    base, extra = divmod(seqlen, n)
-    bounds, start = [], 0
-    for i in range(n):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def agree_on_shards(shards: int, group: dist.ProcessGroup | None = None) -> int:
-    """Return the maximum of ``shards`` over the ranks of ``group`` (default: the world group).
-
-    Collective on ``group``: every rank of the group must call it. A no-op returning ``shards`` when
-    ``torch.distributed`` is not available or not initialised.
-
-    Tile counts derived from local shapes (e.g. ``seq / hidden``) can differ across ranks when local
-    sequence lengths differ. That is harmless for the math, but a ``fn`` that communicates per call
-    (ZeRO-3 / FSDP1 parameter gathers inside ``fn``'s submodules) must be called the same number of
-    times on every rank or the collectives deadlock, hence the agreement.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return int(shards)
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or backend == "mpi":
-        device = torch.device("cpu")
-    else:
-        # NCCL-like backends only reduce accelerator tensors.
-        acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-        if acc is None:
-            device = torch.device("cpu")
-        else:
-            device = torch.device(acc.type, torch.accelerator.current_device_index())
-    value = torch.tensor([int(shards)], dtype=torch.int64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return int(value.item())
 
 
 def _module_params(fn: Callable) -> list[torch.Tensor]:
@@ -463,301 +403,3 @@ def _tiled_apply(fn: Callable[..., torch.Tensor], seqlen: int, shards: int, kwar
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# tiled MLP
-# --------------------------------------------------------------------------------------------------
-ShardsArg = int | str
-
-
-def _resolve_shards(shards: ShardsArg, x: torch.Tensor, group: dist.ProcessGroup | None) -> int:
-    if shards == "auto":
-        # ceil(seq / hidden): a tile's [batch, tile, intermediate] activations then stay around the size of
-        # one [batch, hidden, hidden]-ish block, independent of the sequence length.
-        local = max(1, math.ceil(x.shape[1] / max(1, x.shape[-1])))
-        return agree_on_shards(local, group)
-    if isinstance(shards, int) and not isinstance(shards, bool) and shards >= 1:
-        return shards
-    raise ValueError(f"shards must be a positive int or 'auto', got {shards!r}")
-
-
-def _gated_linear_tail(forward: Callable[..., torch.Tensor], module: nn.Module, x: torch.Tensor, args: tuple,
-                       kwargs: dict) -> tuple[Callable[..., torch.Tensor], nn.Linear] | None:
-    """``(head, down_proj)`` when ``forward(x) == down_proj(act_fn(gate_proj(x)) * up_proj(x))`` for this module.
-
-    The structure (Llama, Qwen2, Mistral, Gemma, ... MLPs) is recognised by attribute names and then
-    confirmed on one token, bit for bit, with the RNG state restored afterwards: a module that only looks
-    like a gated MLP (a different forward, dropout, extra arguments) fails the check and keeps the
-    generic full recomputation, so the shortcut can never change what is computed.
-    """
-    gate, up, down = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    act = getattr(module, "act_fn", None)
-    if args or kwargs or not callable(act) or not all(isinstance(m, nn.Linear) for m in (gate, up, down)):
-        return None
-
-    def head(x: torch.Tensor) -> torch.Tensor:
-        return act(gate(x)) * up(x)
-
-    with _preserved_rng(x.device), torch.no_grad():
-        probe = x[:1, :1]
-        same = torch.equal(forward(probe), down(head(probe)))
-    return (head, down) if same else None
-
-
-def _tiled_mlp_call(forward: Callable[..., torch.Tensor], module: nn.Module, shards: ShardsArg,
-                    group: dist.ProcessGroup | None, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    if x.dim() < 3:
-        return forward(x, *args, **kwargs)
-    n = _resolve_shards(shards, x, group)
-
-    def tile_fn(x: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return forward(x, *args, **kw)
-
-    params = _unique(p for p in module.parameters() if p.requires_grad)
-    tail = _gated_linear_tail(forward, module, x, args, kwargs) if torch.is_grad_enabled() else None
-    return _tiled_apply(tile_fn, x.shape[1], n, {"x": x}, kwargs, "x", params, 1, None, linear_tail=tail)
-
-
-class TiledMLP(nn.Module):
-    """Wrap a per-token MLP (``LlamaMLP``, ``Qwen2MLP``, ``MistralMLP``, ...) to run tile by tile along the sequence.
-
-    ``forward(x: [batch, seq, hidden]) -> [batch, seq, hidden]``, numerically the wrapped MLP's output;
-    only one tile's ``[batch, tile, intermediate]`` activations exist at a time, in forward and backward.
-    Backward recomputes each tile; for a gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, checked
-    on one token per call) it recomputes only ``gate_proj``/``up_proj`` and takes ``down_proj``'s gradients
-    from the recomputed activation, one matmul of three saved per tile.
-    The weights are the wrapped module's own (registered as the child ``mlp``, so state-dict keys gain a
-    ``mlp.`` prefix; use :func:`tile_mlps` to keep a model's keys unchanged).
-
-    ``shards``: number of tiles, or ``"auto"`` for ``ceil(seq / hidden)`` computed per call and agreed
-    (max) over ``group`` (a collective on ``group``, default the world group, when distributed is
-    initialised; every rank must call the MLP the same number of times).
-    """
-
-    def __init__(self, mlp: nn.Module, shards: ShardsArg, group: dist.ProcessGroup | None = None) -> None:
-        super().__init__()
-        self.mlp = mlp
-        self.shards = shards
-        self.group = group
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _tiled_mlp_call(self.mlp.forward, self.mlp, self.shards, self.group, x, args, kwargs)
-
-
-class _TiledForward:
-    """Instance-level ``forward`` installed by :func:`tile_mlps`; calls the forward it replaced tile by tile."""
-
-    def __init__(self, module: nn.Module, shards: ShardsArg, group: dist.ProcessGroup | None) -> None:
-        self.had_instance_forward = "forward" in module.__dict__
-        self.previous = module.__dict__.get("forward")
-        # Resolved before patching: the class's bound forward, or a forward someone else installed.
-        self.inner: Callable[..., torch.Tensor] = module.forward
-        self.module = module
-        self.shards = shards
-        self.group = group
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _tiled_mlp_call(self.inner, self.module, self.shards, self.group, x, args, kwargs)
-
-
-class TiledMLPHandle:
-    """Returned by :func:`tile_mlps`; ``remove()`` (or leaving a ``with`` block) restores the MLP forwards."""
-
-    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
-        self.modules = modules
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.modules]
-
-    def remove(self) -> None:
-        for _, module in self.modules:
-            patch = module.__dict__.get("forward")
-            if not isinstance(patch, _TiledForward):
-                continue  # already removed, or re-patched by someone else since
-            if patch.had_instance_forward:
-                module.__dict__["forward"] = patch.previous
-            else:
-                del module.__dict__["forward"]
-        self.modules = []
-
-    def __enter__(self) -> TiledMLPHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __len__(self) -> int:
-        return len(self.modules)
-
-
-def _is_mlp(name: str, module: nn.Module) -> bool:
-    cls = type(module).__name__
-    if cls.endswith("MLP") or cls.endswith("Mlp"):
-        return True
-    parts = name.split(".")
-    # HF decoder layout: <...>.layers.<i>.mlp
-    return len(parts) >= 3 and parts[-1] == "mlp" and parts[-3] == "layers" and parts[-2].isdigit()
-
-
-def tile_mlps(model: nn.Module, shards: ShardsArg = "auto",
-              group: dist.ProcessGroup | None = None) -> TiledMLPHandle:
-    """Make every MLP of an HF model compute tile by tile along the sequence; returns a handle to undo it.
-
-    MLPs are modules whose class name ends with ``MLP``/``Mlp`` or that sit at ``<...>.layers.<i>.mlp``;
-    only the outermost of nested matches is patched. Each gets an instance attribute ``forward`` (so
-    ``state_dict`` keys, parameters and module hooks are untouched) taking ``[batch, seq, hidden]`` and
-    returning the same as before; the tiled path requires the MLP to return one tensor. Inputs with fewer
-    than 3 dims are passed through untiled.
-
-    ``shards``: tiles per call, or ``"auto"``: ``ceil(seq / hidden)`` (at least 1) from the input's shape at
-    call time, agreed (max) over ``group`` (default world group) when distributed is initialised, which is a
-    collective on ``group`` at every MLP call.
-    """
-    if model is None:
-        raise ValueError("tile_mlps: model is None")
-    if isinstance(model, nn.Module) and _is_mlp("", model):
-        candidates = [("", model)]
-    else:
-        candidates = [(n, m) for n, m in model.named_modules() if n and _is_mlp(n, m)]
-    chosen: list[tuple[str, nn.Module]] = []
-    for name, module in candidates:
-        if any(name.startswith(prefix + ".") for prefix, _ in chosen if prefix):
-            continue
-        if isinstance(module.__dict__.get("forward"), _TiledForward):
-            raise RuntimeError(f"tile_mlps: {name or type(module).__name__} is already tiled")
-        chosen.append((name, module))
-    if not chosen:
-        raise ValueError(f"tile_mlps: no MLP module found in {type(model).__name__}")
-    if shards != "auto":
-        _resolve_shards(shards, torch.empty(1, 1, 1), None)  # fail at patch time, not at the first forward
-    for _, module in chosen:
-        module.forward = _TiledForward(module, shards, group)
-    return TiledMLPHandle(chosen)
-
-
-# --------------------------------------------------------------------------------------------------
-# tiled LM head + cross-entropy
-# --------------------------------------------------------------------------------------------------
-class _LossSumGradsInForward(torch.autograd.Function):
-    """``sum(tile_loss(hidden[:, a:b], labels[:, a:b]) for a, b in bounds)`` with its gradients taken in forward.
-
-    ``apply(tile_loss, bounds, hidden [batch, seq, hidden], labels [batch, seq], *params)``: each tile's
-    scalar loss is differentiated as soon as it is computed, w.r.t. its hidden-state slice and ``params``
-    (the LM head's trainable tensors), and its logits are freed before the next tile. Backward multiplies
-    the stored sums by the upstream gradient, so nothing is recomputed and every parameter gets its
-    gradient once per backward (DDP/FSDP hooks fire once). Runs locally; no process group is involved.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, tile_loss: Callable[..., torch.Tensor], bounds: list[tuple[int, int]],
-                hidden: torch.Tensor, labels: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        need_h = ctx.needs_input_grad[2]
-        need_p = ctx.needs_input_grad[4:]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_p: list[torch.Tensor | None] = [None] * len(params)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        wanted = [p for p, need in zip(params, need_p) if need]
-        with torch.enable_grad():
-            for a, b in bounds:
-                h = hidden[:, a:b].detach().requires_grad_(need_h)
-                loss = tile_loss(h, labels[:, a:b])
-                inputs = ([h] if need_h else []) + wanted
-                if loss.requires_grad and inputs:
-                    grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
-                    if need_h:
-                        g = grads.pop(0)
-                        if g is not None:
-                            grad_h[:, a:b].copy_(g)
-                    it = iter(grads)
-                    grad_p = [_accumulate(acc, next(it)) if need else acc for acc, need in zip(grad_p, need_p)]
-                total += loss.detach().float()
-        ctx.has_h = grad_h is not None
-        ctx.dtypes = [p.dtype for p in params]
-        ctx.has_p = [g is not None for g in grad_p]
-        ctx.save_for_backward(*([grad_h] if ctx.has_h else []), *(g for g in grad_p if g is not None))
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
-        # A 0-dim float32 factor keeps each stored gradient's dtype and multiplies in float32 internally.
-        grad_h = next(saved) * grad_output if ctx.has_h else None
-        grad_p: list[torch.Tensor | None] = []
-        for has, dtype in zip(ctx.has_p, ctx.dtypes):
-            if not has:
-                grad_p.append(None)
-                continue
-            acc = next(saved)  # float32 for low-precision parameters: written straight into their dtype
-            grad_p.append(torch.mul(acc, grad_output, out=torch.empty_like(acc, dtype=dtype)))
-        return (None, None, grad_h, None, *grad_p)
-
-
-def tiled_causal_lm_loss_sum(
-    hidden_states: torch.Tensor,
-    lm_head: nn.Module,
-    shift_labels: torch.Tensor,
-    shards: int,
-    ignore_index: int = -100,
-    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy through ``lm_head`` without materialising ``[batch, seq, vocab]`` logits.
-
-    Runs locally on the calling rank; no process group is involved (the caller reduces the sum and the
-    count over the sequence-parallel / data-parallel groups as its loss normalisation requires).
-
-    Args:
-        hidden_states: ``[batch, seq, hidden]`` final hidden states (after the final norm).
-        lm_head: maps ``[batch, tile, hidden]`` to ``[batch, tile, vocab]``; its trainable parameters get
-            their gradient once per backward.
-        shift_labels: ``[batch, seq]`` labels already aligned with ``hidden_states`` (not shifted again).
-        shards: number of sequence tiles (see :func:`tile_bounds`); peak extra memory is about one tile of
-            logits (plus its float32 copy and gradient) instead of the full ``[batch, seq, vocab]``.
-        ignore_index: label value excluded from the sum and the count.
-        logits_fn: optional ``[batch, tile, vocab] -> [batch, tile, vocab]`` applied to each tile's logits
-            before the loss (e.g. final-logit softcapping).
-
-    Returns:
-        ``(loss_sum, n_valid)``: the float32 scalar sum of cross-entropies over labels ``!= ignore_index``
-        (0, not NaN, when there are none), differentiable w.r.t. ``hidden_states`` and the ``lm_head``
-        parameters; and the int64 scalar count of such labels, without grad.
-
-    With grad enabled, each tile's gradients are taken right after its loss, in forward (the loss is a
-    scalar, so backward only has to scale them by the upstream gradient): no tile is recomputed, at the
-    price of holding the ``hidden_states``-sized and ``lm_head``-sized gradients from forward to backward,
-    which backward would allocate anyway. With float16 anywhere (tensors or autocast) tiles are
-    recomputed in backward instead, so that float16 gradients are formed with the loss scale applied.
-    """
-    if hidden_states.dim() != 3 or shift_labels.shape != hidden_states.shape[:2]:
-        raise ValueError(f"expected hidden_states [batch, seq, hidden] and shift_labels [batch, seq], got "
-                         f"{tuple(hidden_states.shape)} and {tuple(shift_labels.shape)}")
-
-    def tile_loss(hidden_states: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(hidden_states)
-        if logits_fn is not None:
-            logits = logits_fn(logits)
-        # reduction="sum" over an all-ignored tile is exactly 0 (a "mean" would be 0/0).
-        return F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten(),
-                               ignore_index=ignore_index, reduction="sum")
-
-    params = _unique(p for p in lm_head.parameters() if p.requires_grad)
-    bounds = tile_bounds(hidden_states.shape[1], shards)
-    device_type = hidden_states.device.type
-    float16 = (hidden_states.dtype == torch.float16 or any(p.dtype == torch.float16 for p in params)
-               or (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16))
-    if float16 and torch.is_grad_enabled():
-        # float16 gradients need the loss scale inside the backward pass to stay out of the subnormal
-        # range; the upstream gradient (which carries it) only exists in backward, so recompute there.
-        loss_sum = sequence_tiled_compute(
-            tile_loss, seqlen=hidden_states.shape[1], shards=shards,
-            kwargs_to_shard={"hidden_states": hidden_states, "shift_labels": shift_labels}, kwargs_to_pass={},
-            grad_requiring_tensor_key="hidden_states", compute_params=params, output_unshard_dimension=0,
-            output_reduction="sum")
-    elif not torch.is_grad_enabled() or not (hidden_states.requires_grad or params):
-        with torch.no_grad():
-            loss_sum = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
-            for a, b in bounds:
-                loss_sum += tile_loss(hidden_states[:, a:b], shift_labels[:, a:b])
-    else:
-        loss_sum = _LossSumGradsInForward.apply(tile_loss, bounds, hidden_states, shift_labels, *params)
-    n_valid = (shift_labels != ignore_index).sum()
-    return loss_sum, n_valid

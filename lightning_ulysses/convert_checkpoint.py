@@ -1,6 +1,6 @@
 """Turn a distributed (DCP) checkpoint written by ``UlyssesFSDPStrategy`` into a standard one.
 
-    python -m lightning_ulysses.checkpoint path/to/ckpt_folder path/to/out.ckpt
+    python -m lightning_ulysses.convert_checkpoint path/to/ckpt_folder path/to/out.ckpt
 
 The result is a regular Lightning checkpoint file: ``state_dict`` with the LightningModule's
 parameter names, optimizer states keyed by parameter index as ``torch.optim`` writes them, and
