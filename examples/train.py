@@ -65,8 +65,10 @@ class TextData(pl.LightningDataModule):
     Args:
         paths: text files or glob patterns; default: Python's standard library sources.
         seq_len: tokens per training sequence (the full length; the strategy shards it).
-        train_rows / val_rows: sequences in the train/validation splits.
+        train_rows: sequences in the training split.
+        val_rows: sequences in the validation split (at most a quarter of the corpus's sequences).
         batch_size: sequences per DP replica per step.
+        num_workers: DataLoader worker processes (0 loads in the training process).
     """
 
     def __init__(self, paths: list[str] | None = None, seq_len: int = 2048, train_rows: int = 64,
@@ -98,8 +100,13 @@ class CausalLM(pl.LightningModule):
         config: keyword arguments for that model's config (sizes, heads, rope...).
         attn_implementation: ``sdpa`` (CPU/GPU), ``flash_attention_2``, ``flex_attention``...
         optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9; no optimizer state beyond one buffer).
-        lr / weight_decay / warmup_steps: learning rate schedule with linear warm-up.
+        lr: peak learning rate, reached after the warm-up.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        warmup_steps: optimizer steps of linear learning-rate warm-up from ``lr / warmup_steps``.
         gradient_checkpointing: HF activation checkpointing of decoder layers.
+
+    The optimizer is configured here only: the CLI adds no ``--optimizer``/``--lr_scheduler``
+    (``auto_configure_optimizers=False``), so there is one way to set it.
     """
 
     def __init__(self, model_type: str = "llama", config: dict[str, Any] | None = None,
@@ -140,7 +147,11 @@ class CausalLM(pl.LightningModule):
 
 
 class PrintProgress(pl.Callback):
-    """Print loss and tokens/s every ``every`` steps on rank 0 (tokens of the full sequences)."""
+    """Print loss and tokens/s every ``every`` steps on rank 0 (tokens of the full sequences).
+
+    Args:
+        every: print every this many optimizer steps.
+    """
 
     def __init__(self, every: int = 5) -> None:
         self.every = every
@@ -168,7 +179,7 @@ class PrintProgress(pl.Callback):
 
 def main() -> None:
     # No config.yaml written into the working directory: logger-less runs would litter it.
-    LightningCLI(CausalLM, TextData, save_config_callback=None)
+    LightningCLI(CausalLM, TextData, save_config_callback=None, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

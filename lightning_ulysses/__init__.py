@@ -4,6 +4,7 @@ from .callbacks import TiledLossCallback
 from .comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
 from .data import shard_batch
 from .hf import UlyssesHandle, apply_ulysses
+from .metrics import PositionalLoss, PositionalLossCallback
 from .packing import PackedDataset, PackingCollator, pack_documents
 from .strategies import UlyssesFSDPStrategy, UlyssesStrategy
 from .tiling import SequenceTiledCompute, TiledMLP, apply_tiled_loss, sequence_tiled_compute, tile_mlps
@@ -12,6 +13,8 @@ __all__ = [
     "PackedDataset",
     "PackingCollator",
     "pack_documents",
+    "PositionalLoss",
+    "PositionalLossCallback",
     "SequenceTiledCompute",
     "TiledLossCallback",
     "TiledMLP",

@@ -77,6 +77,11 @@ class PositionalLossCallback(pl.Callback):
     Reads the logits and the (sharded) batch of every HF model forward during validation through a
     forward hook, so the LightningModule needs no change. Works with and without the Ulysses
     strategies; needs the logits, so do not combine with ``TiledLossCallback(tile_in_eval=True)``.
+
+    Args:
+        max_len: sequence length the buckets cover (longer positions fall into the last bucket).
+        num_buckets: number of equal-width position buckets.
+        prefix: start of the logged names (``<prefix>_loss/<lo>-<hi>``, ``<prefix>_ppl/<lo>-<hi>``).
     """
 
     def __init__(self, max_len: int, num_buckets: int = 8, prefix: str = "val_pos") -> None:
@@ -119,7 +124,11 @@ class PositionalLossCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = False
         loss = self.metric.compute()  # synchronised over all ranks
+        values = {}
         for (lo, hi), value in zip(self.metric.bucket_edges(), loss.tolist()):
-            pl_module.log(f"{self.prefix}_loss/{lo}-{hi}", value, sync_dist=False)
-            pl_module.log(f"{self.prefix}_ppl/{lo}-{hi}", float(torch.tensor(value).exp()), sync_dist=False)
+            values[f"{self.prefix}_loss/{lo}-{hi}"] = value
+            values[f"{self.prefix}_ppl/{lo}-{hi}"] = float(torch.tensor(value).exp())
+        # Every rank already holds the global values, so averaging them over ranks changes nothing;
+        # sync_dist=True tells Lightning so (without it, it warns at every epoch-level log).
+        pl_module.log_dict(values, sync_dist=True)
         self.metric.reset()

@@ -52,3 +52,36 @@ def test_gpu_config_parses():
     res = _run("fit", "--config", "examples/configs/llama8b_8gpu.yaml", "--print_config")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "lightning_ulysses.UlyssesFSDPStrategy" in res.stdout and "TiledLossCallback" in res.stdout
+
+
+def _undocumented(cls: type) -> list[str]:
+    """Arguments of ``cls`` that the CLI would list without a description (jsonargparse reads the
+    Google-style ``Args:`` section of the docstring, one name per entry)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "x")
+    args = [a for a in parser._actions if a.dest.startswith("x.")]
+    assert args, f"no arguments found for {cls.__name__}"
+    return [a.dest[2:] for a in args if not (a.help or "").strip() or a.help.startswith("(type:")]
+
+
+def test_every_strategy_and_example_argument_is_documented():
+    import importlib.util
+
+    from lightning_ulysses import PositionalLossCallback, TiledLossCallback, UlyssesFSDPStrategy, UlyssesStrategy
+
+    spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, TiledLossCallback, PositionalLossCallback,
+                example.CausalLM, example.TextData, example.PrintProgress):
+        assert _undocumented(cls) == [], cls.__name__
+
+
+def test_example_has_one_way_to_configure_the_optimizer():
+    res = _run("fit", "--help")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "--model.optimizer" in res.stdout and "--model.lr" in res.stdout
+    assert "--optimizer" not in res.stdout.replace("--model.optimizer", "")
+    assert "--lr_scheduler" not in res.stdout

@@ -5,17 +5,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ulysses import UlyssesStrategy
-from lightning_ulysses.metrics import PositionalLoss, PositionalLossCallback
+from lightning_ulysses import PositionalLoss, PositionalLossCallback, UlyssesStrategy
 from tests.distributed import run_distributed
 from tests.lightning_setup import LM, Samples, loader, trainer_kwargs
 
 
 def _validate(rank, world):
+    import warnings
+
+    from lightning.pytorch.trainer.connectors.logger_connector.result import warning_cache
+
+    warning_cache.clear()  # forked from a parent that may have warned already
     cb = PositionalLossCallback(max_len=32, num_buckets=4)
     trainer = pl.Trainer(strategy=UlyssesStrategy(sp=2), callbacks=[cb], **trainer_kwargs())
-    trainer.validate(LM(), dataloaders=loader(Samples(4, 30, seed=5)), verbose=False)
-    return {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val_pos")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(LM(), dataloaders=loader(Samples(4, 30, seed=5)), verbose=False)
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val_pos")}
+    return metrics, [str(w.message) for w in caught if "sync_dist" in str(w.message)]
 
 
 def _reference(num_buckets=4, max_len=32):
@@ -37,7 +44,8 @@ def _reference(num_buckets=4, max_len=32):
 
 def test_positional_loss_under_sp_matches_non_sp():
     ref = _reference()
-    for logged in run_distributed(_validate, 4):
+    for logged, sync_warnings in run_distributed(_validate, 4):
+        assert sync_warnings == []  # logged as global values: Lightning does not ask for sync_dist
         got = [logged[f"val_pos_loss/{lo}-{hi}"] for lo, hi in [(0, 8), (8, 16), (16, 24), (24, 32)]]
         assert got == pytest.approx(ref, rel=1e-5)
         assert logged["val_pos_ppl/0-8"] == pytest.approx(torch.tensor(ref[0]).exp().item(), rel=1e-5)

@@ -37,16 +37,25 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
         sharding: ``"full"`` shards parameters over all ``dp x sp`` ranks (ZeRO-3);
             ``"hybrid"`` shards within each SP group and replicates across DP groups (HSDP).
-        param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy`` dtypes (``"bfloat16"``,
+        param_dtype: dtype FSDP2 computes in (``MixedPrecisionPolicy.param_dtype``: ``"bfloat16"``,
             ``"float16"``, ``"float32"``); ``None`` keeps the parameters' dtype.
+        reduce_dtype: dtype FSDP2 reduces gradients in (``MixedPrecisionPolicy.reduce_dtype``);
+            ``None`` keeps the parameters' dtype.
         activation_checkpointing: checkpoint every decoder layer (non-reentrant).
         offload_activations: with checkpointing, keep each layer's input on the CPU between
             forward and backward.
         reshard_after_forward: FSDP2's option; ``False`` trades memory for one all-gather less.
-        eval_mode / check_batches / overlap_chunks: as in :class:`~lightning_ulysses.UlyssesStrategy`.
+        eval_mode: ``"sp"`` runs validation/test sharded (exact, long-context safe); ``"bypass"``
+            runs the models unpatched in eval mode on full sequences.
+        check_batches: compare a fingerprint of each batch across the SP group and raise if peers
+            received different samples (one tiny all-gather per step).
+        overlap_chunks: head groups per rank whose all-to-alls overlap another group's attention
+            (see :func:`~lightning_ulysses.apply_ulysses`); 1 overlaps nothing.
         save_distributed_checkpoint: ``True`` writes a sharded (DCP) checkpoint folder; ``False``
             gathers a single full checkpoint file on rank 0.
-        process_group_backend / timeout: as in Lightning.
+        process_group_backend: ``"nccl"``/``"gloo"``; default by device.
+        timeout: timeout of every process group, the mesh's SP and DP groups included (so a
+            deadlock fails instead of hanging).
     """
 
     strategy_name = "ulysses_fsdp"
