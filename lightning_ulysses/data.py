@@ -1,4 +1,4 @@
-"""Sequence sharding of batches (DESIGN §2).
+"""Sequence sharding of batches (README, "Using it": what the strategy does to each batch).
 
 Every rank of an SP group reads the same full-length sample; :func:`shard_batch` then prepares it
 on the full sequence and keeps this rank's chunk:
@@ -16,6 +16,7 @@ ignored: such a query has no real token to attend to, and its value depends on t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,20 +90,31 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[st
 FINGERPRINT_KEY = "_ulysses_fingerprint"
 
 
-def batch_fingerprint(batch: Mapping[str, Any]) -> Tensor:
-    """A cheap ``[4]`` int64 summary of a full batch (shape and two weighted sums of the tokens).
+def _digest(t: Tensor) -> int:
+    """A signed 63-bit digest of a tensor's dtype, shape and every byte of its values (never 0)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=8)
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") % (2**63 - 1) + 1
 
-    SP peers compare fingerprints before the first collective of a step: if a sampler or an
-    iterable dataset handed them different samples, the all-to-all would stitch chunks of
-    unrelated sequences together and train on garbage without any error.
+
+def batch_fingerprint(batch: Mapping[str, Any]) -> Tensor:
+    """One int64 digest per per-token key the collate shards (:data:`SEQUENCE_KEYS`; 0 when absent).
+
+    Computed on the full batch, before sharding. SP peers compare fingerprints before the first
+    collective of a step: if a sampler or an iterable dataset handed them different samples — or
+    the same tokens with different labels, masks or positions — Ulysses would stitch chunks of
+    unrelated sequences (or label sets) together and train on them without any error. Every byte
+    of every such tensor counts; peers disagree unless the tensors are identical.
     """
-    ref = batch.get("input_ids")
-    if ref is None:
-        ref = batch.get("inputs_embeds")
-    flat = ref.detach().reshape(ref.shape[0], ref.shape[1], -1).double().sum(-1).flatten()
-    w = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
-    sums = [(flat * w).sum(), (flat * w.flip(0)).sum()]
-    return torch.tensor([ref.shape[0], ref.shape[1], *[int(s.item()) % (2**61 - 1) for s in sums]], dtype=torch.long)
+    return torch.tensor([_digest(v) if isinstance(v, Tensor) else 0 for v in (batch.get(k) for k in SEQUENCE_KEYS)],
+                        dtype=torch.long)
+
+
+def fingerprint_mismatch(fingerprints: Tensor) -> list[str]:
+    """The :data:`SEQUENCE_KEYS` on which rows of ``fingerprints [peers, len(SEQUENCE_KEYS)]`` disagree."""
+    differs = (fingerprints != fingerprints[:1]).any(0).tolist()
+    return [key for key, bad in zip(SEQUENCE_KEYS, differs) if bad]
 
 
 class ShardingCollate:

@@ -119,6 +119,56 @@ def test_sp_peers_with_different_batches_raise():
     run_distributed(_mismatched_batches, 4)
 
 
+class _RankLabels(torch.utils.data.Dataset):
+    """The same tokens on every rank, but each rank masks a different label (as a rank-seeded random
+    masking would): the sequences agree, the label sets do not."""
+
+    def __init__(self, rank: int) -> None:
+        self.samples, self.rank = Samples(8, 16), rank
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.samples[i])
+        item["labels"] = item["labels"].clone()
+        item["labels"][-1 - self.rank] = -100
+        return item
+
+
+def _mismatched_labels(rank, world):
+    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=2), max_steps=1, **trainer_kwargs())
+    with pytest.raises(RuntimeError, match=r"received different batches \(labels differ\)"):
+        trainer.fit(LM(), train_dataloaders=loader(_RankLabels(rank)))
+    return True
+
+
+def test_sp_peers_with_same_tokens_but_different_labels_raise():
+    run_distributed(_mismatched_labels, 4)
+
+
+def test_fingerprint_covers_every_sharded_tensor():
+    from lightning_ulysses.data import SEQUENCE_KEYS, batch_fingerprint, fingerprint_mismatch
+
+    ids = torch.arange(12).view(2, 6)
+    batch = {"input_ids": ids, "labels": ids.clone(), "shift_labels": ids.clone(),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long), "position_ids": torch.arange(6).expand(2, 6),
+             "inputs_embeds": torch.randn(2, 6, 3)}
+    assert set(batch) == set(SEQUENCE_KEYS)
+    base = batch_fingerprint(batch)
+    assert torch.equal(base, batch_fingerprint({k: v.clone() for k, v in batch.items()}))
+    for key in SEQUENCE_KEYS:
+        changed = dict(batch)
+        changed[key] = batch[key].clone()
+        changed[key][1, 4] += 1  # one element of one tensor
+        assert fingerprint_mismatch(torch.stack([base, batch_fingerprint(changed)])) == [key]
+        missing = {k: v for k, v in batch.items() if k != key}
+        assert fingerprint_mismatch(torch.stack([base, batch_fingerprint(missing)])) == [key]
+    # a different dtype or shape with the same bytes differs too
+    assert fingerprint_mismatch(torch.stack([base, batch_fingerprint({**batch, "input_ids": ids.int()})])) == ["input_ids"]
+    assert fingerprint_mismatch(torch.stack([base, batch_fingerprint({**batch, "input_ids": ids.view(3, 4)})])) == ["input_ids"]
+
+
 class Stream(IterableDataset):
     def __iter__(self):
         yield from (Samples(4, 16)[i] for i in range(4))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..attention import check_overlap_chunks
 from ..comm import gather_sequence
-from ..data import FINGERPRINT_KEY, ShardingCollate
+from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
 from ..hf import UlyssesHandle, apply_ulysses, find_hf_models
 from ..mesh import ParallelDims, build_mesh, validate_sp
 
@@ -154,11 +154,13 @@ class UlyssesMixin:
             return
         device = torch.device("cpu") if dist.get_backend(dims.sp_group) == "gloo" else self.root_device
         seen = gather_sequence(fingerprint.to(device)[None], dims.sp_group, dim=0)
-        if not bool((seen == seen[0]).all()):
+        differing = fingerprint_mismatch(seen)
+        if differing:
             raise RuntimeError(
-                "ranks of one SP group received different batches, so Ulysses would stitch unrelated sequences "
-                "together. Use the strategy's sampler (map-style dataset, use_distributed_sampler=True) or shard "
-                "iterable datasets by trainer.strategy.dp_rank, and seed every rank identically."
+                f"ranks of one SP group received different batches ({', '.join(differing)} differ), so Ulysses "
+                "would stitch unrelated sequences or label sets together. Use the strategy's sampler (map-style "
+                "dataset, use_distributed_sampler=True) or shard iterable datasets by trainer.strategy.dp_rank, "
+                "and seed every rank identically (random masking or augmentation included)."
             )
 
     # -- model --------------------------------------------------------------------------------
