@@ -250,3 +250,43 @@ def gather_sequence(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
     chunks = [torch.empty_like(x) for _ in range(sp)]
     dist.all_gather(chunks, x, group=group)
     return torch.cat(chunks, dim=dim)
+
+
+class _GatherSequenceGrad(torch.autograd.Function):
+    """Forward: all-gather along ``dim``. Backward: sum the upstream gradients over the group, keep
+    this rank's slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:  # type: ignore[override]
+        ctx.group, ctx.dim = group, dim
+        ctx.lo, ctx.size = dist.get_rank(group) * x.shape[dim], x.shape[dim]
+        return gather_sequence(x, group, dim=dim).clone()  # clone: with sp == 1 the input itself comes back
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # Summing over the group (not averaging) is the scale DDP's 1/world average expects, exactly as
+        # in sum_over_group: every SP rank computes the same value from the gathered tensor.
+        if dist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            return grad.narrow(ctx.dim, ctx.lo, ctx.size).contiguous(), None, None
+        send = grad.movedim(ctx.dim, 0).contiguous()
+        out = send.new_empty((ctx.size, *send.shape[1:]))
+        dist.reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out.movedim(0, ctx.dim), None, None
+
+
+def gather_sequence_grad(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
+    """Differentiable :func:`gather_sequence`: ``[batch, seq/sp, ...]`` → ``[batch, seq, ...]`` on every rank.
+
+    Meant for values every SP rank then uses identically (a loss computed from the whole sequence):
+    the backward sums the upstream gradients over ``group`` and keeps this rank's slice, so each rank
+    receives ``sp x`` its share of the gradient — the scale DDP's ``1/(dp*sp)`` average turns into the
+    non-SP gradient (README, "How it works"). Gather small per-token tensors, never ``[b, s, vocab]``.
+    """
+    return _GatherSequenceGrad.apply(x, group, dim)
+
+
+# Autograd Functions whose backward reduces over the SP group: a loss with one of them in its graph
+# went through an SP reduction (checked by lightning_ulysses.objectives.is_sp_reduced).
+SP_REDUCTIONS: tuple[type[torch.autograd.Function], ...] = (_SumOverGroup, _GatherSequenceGrad)

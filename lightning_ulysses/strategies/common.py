@@ -5,6 +5,9 @@
 * the sharding collate swapped into train/val/test dataloaders, and a fingerprint check that SP
   peers really hold the same batch;
 * Ulysses applied to every HF model of the LightningModule in ``setup`` and removed in ``teardown``;
+* the check that a training loss went through an SP reduction (``check_loss``), and the SP group
+  that :mod:`lightning_ulysses.objectives` reduce over while SP is active;
+* predict under SP (``predict_mode="sp"``), with prediction writers on SP rank 0 only;
 * ThroughputMonitor counting ``dp`` replicas, and checkpoints free of the patch.
 """
 
@@ -18,9 +21,9 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..attention import check_overlap_chunks
@@ -28,8 +31,18 @@ from ..comm import gather_sequence
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
 from ..hf import UlyssesHandle, apply_ulysses, find_hf_models
 from ..mesh import ParallelDims, build_mesh, validate_sp
+from ..objectives import is_sp_reduced, register_group_source
 
 UNSUPPORTED_PRECISION = ("TransformerEnginePrecision", "BitsandbytesPrecision")
+
+LOCAL_LOSS_ERROR = (
+    "the training loss never went through a reduction over the SP group: under Ulysses SP each rank holds only "
+    "seq/sp tokens, so a loss computed from this rank's logits alone is its chunk's mean, not the sequence's (and "
+    "a shift of the local labels loses a target at every chunk edge). Return the HF model's `out.loss`, or build "
+    "the loss with lightning_ulysses.objectives (sp_token_mean, sp_sequence_sum, sp_gather_tokens with "
+    "sp_shift_labels(batch)); see README, 'Custom objectives'. If the loss is rank-local on purpose, pass "
+    "check_loss=False to the strategy."
+)
 
 
 class UlyssesMixin:
@@ -39,11 +52,18 @@ class UlyssesMixin:
     """
 
     def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool,
-                      overlap_chunks: int = 1) -> None:
+                      overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True) -> None:
         if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
             raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
+        if predict_mode not in ("sp", "bypass"):
+            raise ValueError(f"predict_mode must be 'sp' or 'bypass', got {predict_mode!r}.")
+        self._predict_mode = predict_mode
+        self._check_loss = check_loss
+        self._loss_checked = False
+        self._unregister_group: Any = None
+        self._writer_patches: list[tuple[BasePredictionWriter, dict[str, Any]]] = []
         self._sp_requested = sp
         self._eval_mode = eval_mode
         self._check_batches = check_batches
@@ -98,13 +118,13 @@ class UlyssesMixin:
         self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes)
 
     def _sp_bypassed(self) -> bool:
-        """True while the current stage runs the models unpatched on full sequences: predict, and
-        validation/test with ``eval_mode="bypass"``."""
+        """True while the current stage runs the models unpatched on full sequences: predict with
+        ``predict_mode="bypass"``, and validation/test with ``eval_mode="bypass"``."""
         trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
         if trainer is None:
             return False
         if trainer.state.fn == TrainerFn.PREDICTING:
-            return True
+            return self._predict_mode == "bypass"
         return self._eval_mode == "bypass" and trainer.state.stage != RunningStage.TRAINING
 
     # -- data ---------------------------------------------------------------------------------
@@ -132,8 +152,9 @@ class UlyssesMixin:
                 "`trainer.strategy.dp_rank` / `dp_size` (not the global rank), then set `ulysses_dp_sharded = True` "
                 "on the dataset. Or use a map-style Dataset, which the strategy shards for you."
             )
-        if dataloader.worker_init_fn is None and int(os.environ.get("PL_SEED_WORKERS", 0)):
-            # Lightning would seed workers by global rank; SP peers must draw the same augmentations.
+        if _default_worker_init(dataloader.worker_init_fn) and int(os.environ.get("PL_SEED_WORKERS", 0)):
+            # Lightning seeds workers by global rank (Fabric before this hook); SP peers must draw the
+            # same augmentations.
             dataloader.worker_init_fn = partial(pl_worker_init_function, rank=self.dp_rank)
         if not isinstance(dataloader.collate_fn, ShardingCollate):
             self._collates.append((dataloader, dataloader.collate_fn))
@@ -166,7 +187,8 @@ class UlyssesMixin:
     # -- model --------------------------------------------------------------------------------
 
     def _check_precision(self) -> None:
-        name = type(self.precision_plugin).__name__
+        plugin = getattr(self, "precision_plugin", None) or self.precision  # Trainer / Fabric strategies
+        name = type(plugin).__name__
         if name in UNSUPPORTED_PRECISION:
             raise ValueError(
                 f"precision plugin {name} is not supported by Ulysses SP (its layers bypass the attention "
@@ -175,19 +197,67 @@ class UlyssesMixin:
 
     def _apply_ulysses(self, module: nn.Module) -> None:
         trainer = self.lightning_module._trainer
-        if self._handles or (trainer is not None and trainer.state.fn == TrainerFn.PREDICTING):
+        predicting = trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
+        if self._handles or (predicting and self._predict_mode == "bypass"):
             return
+        # Under predict_mode="sp" the predict batches are sharded, so the models must run sharded even
+        # in eval mode, whatever eval_mode says for validation.
+        self._handles = self._wrap_hf_models(module, "sp" if predicting else self._eval_mode,
+                                             "the LightningModule; build the HF model in __init__ or configure_model")
+        self.lightning_module._device_mesh = self.device_mesh
+        if predicting:
+            self._silence_peer_writers(trainer)
+
+    def _wrap_hf_models(self, module: nn.Module, eval_mode: str, where: str) -> list[UlyssesHandle]:
+        """Apply Ulysses to every HF model in ``module``; register the SP group for the objectives."""
         models = find_hf_models(module)
         if not models:
             raise ValueError(
-                "UlyssesStrategy found no transformers PreTrainedModel in the LightningModule; without one the "
-                "sharded sequences would be attended locally. Build the HF model in __init__ or configure_model."
+                f"{type(self).__name__} found no transformers PreTrainedModel in {where}. Without one the "
+                "sharded sequences would be attended locally."
             )
-        self._handles = [
-            apply_ulysses(m, self.sp_group, eval_mode=self._eval_mode, overlap_chunks=self._overlap_chunks)
-            for m in models
+        handles = [
+            apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks) for m in models
         ]
-        self.lightning_module._device_mesh = self.device_mesh
+        if self._unregister_group is None:
+            self._unregister_group = register_group_source(self._active_sp_group)
+        self._loss_checked = False
+        return handles
+
+    def _active_sp_group(self) -> dist.ProcessGroup | None:
+        """The SP group while the models run sharded (what ``objectives.current_sp_group`` returns)."""
+        if not self._handles or self._sp_bypassed() or not all(h.active for h in self._handles):
+            return None
+        return self.sp_group
+
+    def _silence_peer_writers(self, trainer: Any) -> None:
+        # Every SP peer holds the same predicted samples; only SP rank 0 writes them, so a writer sees
+        # each sample once.
+        if self.sp_rank == 0:
+            return
+        for cb in trainer.callbacks:
+            if isinstance(cb, BasePredictionWriter):
+                names = ("write_on_batch_end", "write_on_epoch_end")
+                self._writer_patches.append((cb, {n: cb.__dict__[n] for n in names if n in cb.__dict__}))
+                for n in names:
+                    setattr(cb, n, _skip_write)
+
+    # -- the loss check -------------------------------------------------------------------------
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Refuse a rank-local loss (``check_loss``), then back-propagate as the base strategy does."""
+        self._check_loss_reduced(loss)
+        return super().backward(loss, *args, **kwargs)
+
+    def _check_loss_reduced(self, loss: Any) -> None:
+        # Checked until one loss passes: a training loop's loss keeps its structure from step to step.
+        if not self._check_loss or self._loss_checked or self.sp_size == 1 or self._active_sp_group() is None:
+            return
+        if not isinstance(loss, Tensor) or loss.grad_fn is None:
+            return
+        if not is_sp_reduced(loss):
+            raise RuntimeError(LOCAL_LOSS_ERROR)
+        self._loss_checked = True
 
     def _adapt_throughput(self, trainer: Any) -> None:
         # ThroughputMonitor multiplies per-device rates by world size; under SP only dp replicas
@@ -215,8 +285,17 @@ class UlyssesMixin:
                 if stage in cb._throughputs:
                     cb._throughputs[stage].world_size = world
         self._throughput_patches = []
-        if self.lightning_module is not None and self.lightning_module._device_mesh is self.device_mesh:
-            self.lightning_module._device_mesh = None
+        for cb, saved in self._writer_patches:
+            for n in ("write_on_batch_end", "write_on_epoch_end"):
+                cb.__dict__.pop(n, None)
+            cb.__dict__.update(saved)
+        self._writer_patches = []
+        if self._unregister_group is not None:
+            self._unregister_group()
+            self._unregister_group = None
+        module = getattr(self, "lightning_module", None)  # Fabric strategies have none
+        if module is not None and module._device_mesh is self.device_mesh:
+            module._device_mesh = None
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -230,6 +309,15 @@ class UlyssesMixin:
             if key in out:
                 out[key] = _restore_configs(out[key], names)
         return out
+
+
+def _default_worker_init(fn: Any) -> bool:
+    """None, or Lightning's own seeding by global rank (which Fabric adds before ``process_dataloader``)."""
+    return fn is None or (isinstance(fn, partial) and fn.func is pl_worker_init_function)
+
+
+def _skip_write(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _scaled_length(length_fn: Any, sp: int, batch: Any) -> int:

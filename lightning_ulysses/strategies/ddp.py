@@ -30,6 +30,13 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             received different samples (one tiny all-gather per step).
         overlap_chunks: head groups per rank whose all-to-alls overlap another group's attention
             (see :func:`~lightning_ulysses.apply_ulysses`); 1 overlaps nothing.
+        predict_mode: ``"bypass"`` (default) runs ``predict`` unpatched on full sequences, every rank
+            on distinct samples; ``"sp"`` runs it sharded like training (one sample per SP group, for
+            sequences too long for one device): return whole-sequence results with
+            :func:`~lightning_ulysses.sp_gather_tokens`; prediction writers run on SP rank 0 only.
+        check_loss: at the first training steps, raise if the loss passed to backward never went
+            through a reduction over the SP group (a rank-local loss, silently wrong under SP; see
+            :mod:`lightning_ulysses.objectives`). ``False`` for a loss that is rank-local on purpose.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.
@@ -38,8 +45,8 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         start_method: ``"popen"`` (script launcher), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
 
     The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
-    ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``. ``predict`` bypasses SP:
-    models run unpatched on full sequences and every rank takes distinct samples.
+    ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``. ``predict`` bypasses SP
+    unless ``predict_mode="sp"``.
     """
 
     strategy_name = "ulysses"
@@ -50,6 +57,8 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         eval_mode: Literal["sp", "bypass"] = "sp",
         check_batches: bool = True,
         overlap_chunks: int = 1,
+        predict_mode: Literal["sp", "bypass"] = "bypass",
+        check_loss: bool = True,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
         gradient_as_bucket_view: bool = False,
@@ -65,7 +74,7 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,
         )
-        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks)
+        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss)
 
     @override
     def _configure_launcher(self) -> None:

@@ -51,6 +51,13 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
             received different samples (one tiny all-gather per step).
         overlap_chunks: head groups per rank whose all-to-alls overlap another group's attention
             (see :func:`~lightning_ulysses.apply_ulysses`); 1 overlaps nothing.
+        predict_mode: ``"bypass"`` (default) runs ``predict`` unpatched on full sequences, every rank
+            on distinct samples; ``"sp"`` runs it sharded like training (one sample per SP group, for
+            sequences too long for one device): return whole-sequence results with
+            :func:`~lightning_ulysses.sp_gather_tokens`; prediction writers run on SP rank 0 only.
+        check_loss: at the first training steps, raise if the loss passed to backward never went
+            through a reduction over the SP group (a rank-local loss, silently wrong under SP; see
+            :mod:`lightning_ulysses.objectives`). ``False`` for a loss that is rank-local on purpose.
         save_distributed_checkpoint: ``True`` writes a sharded (DCP) checkpoint folder; ``False``
             gathers a single full checkpoint file on rank 0.
         process_group_backend: ``"nccl"``/``"gloo"``; default by device.
@@ -72,6 +79,8 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         eval_mode: Literal["sp", "bypass"] = "sp",
         check_batches: bool = True,
         overlap_chunks: int = 1,
+        predict_mode: Literal["sp", "bypass"] = "bypass",
+        check_loss: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -92,7 +101,7 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         self._offload_activations = offload_activations
         self._reshard_after_forward = reshard_after_forward
         self._ac_handles: list[CheckpointHandle] = []
-        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks)
+        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss)
 
     @override
     def _configure_launcher(self) -> None:
