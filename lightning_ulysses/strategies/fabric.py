@@ -1,0 +1,171 @@
+"""Lightning Fabric twins of the Ulysses strategies: ``Fabric(strategy=UlyssesFabricStrategy(sp=2))``.
+
+The behaviour is the Trainer strategies' own (:class:`~.common.UlyssesMixin`): the DP×SP mesh, the
+sampler over ``dp`` replicas, the sharding collate, the SP-peer batch check, the loss check, the SP
+group for :mod:`lightning_ulysses.objectives`. What differs is only where Fabric hands things over:
+
+* ``fabric.setup(model)`` / ``fabric.setup_module(model)`` apply Ulysses to every transformers model
+  inside before DDP wraps it; a frozen model (a DPO reference, a distillation teacher) is patched
+  but not wrapped, since DDP has nothing to reduce for it;
+* ``fabric.setup_dataloaders`` shards the batches; the batch check runs while the loop iterates
+  (Fabric moves batches itself, without a strategy hook);
+* ``fabric.backward`` checks the loss, ``fabric.save`` writes checkpoints that load without SP.
+
+Fabric has no stages: evaluation batches are sharded like training ones, so the models always run
+sharded (use :meth:`UlyssesFabricStrategy.bypass` to run them unpatched, e.g. to generate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, Callable, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import DDPStrategy
+from torch import nn
+from typing_extensions import override
+
+from ..data import FINGERPRINT_KEY
+from .common import UlyssesMixin, _restore_configs
+
+
+class _CheckedLoader:
+    """A DataLoader whose iterator checks each batch's fingerprint across the SP group, then drops it.
+
+    Fabric copies a loader's ``__dict__`` into its own wrapper, so this one carries the DataLoader's
+    attributes (``dataset``, ``sampler``, ...) the same way.
+    """
+
+    def __init__(self, loader: Any, check: Callable[[torch.Tensor], None]) -> None:
+        self.__dict__.update(loader.__dict__)
+        self._ulysses_loader = loader
+        self._ulysses_check = check
+
+    def __len__(self) -> int:
+        return len(self._ulysses_loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._ulysses_loader:
+            if isinstance(batch, dict) and FINGERPRINT_KEY in batch:
+                batch = dict(batch)
+                self._ulysses_check(batch.pop(FINGERPRINT_KEY))
+            yield batch
+
+
+class FabricUlyssesMixin(UlyssesMixin):
+    """The Fabric side of :class:`~.common.UlyssesMixin`; comes before the Fabric strategy in the bases."""
+
+    def _sp_bypassed(self) -> bool:
+        return False  # no stages: every dataloader Fabric sets up is sharded
+
+    def process_dataloader(self, dataloader: Any) -> Any:
+        dataloader = super().process_dataloader(dataloader)
+        return _CheckedLoader(dataloader, self._check_same_batch) if self._check_batches else dataloader
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None) -> Any:
+        # Fabric's signature (no dataloader_idx); the loader already dropped the fingerprint.
+        return super(UlyssesMixin, self).batch_to_device(batch, device)
+
+    def _apply_to(self, module: nn.Module) -> None:
+        self._check_precision()
+        self._handles.extend(self._wrap_hf_models(module, "sp", "the module given to fabric.setup"))
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Run every patched model unpatched inside the block (full sequences, no collectives), e.g. to
+        generate; :func:`~lightning_ulysses.objectives.current_sp_group` is ``None`` meanwhile."""
+        with contextlib.ExitStack() as stack:
+            for handle in self._handles:
+                stack.enter_context(handle.bypass())
+            yield
+
+    def _clean_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        # HF configs saved next to the weights must not name this run's SP attention.
+        names = {h.name: h for h in self._handles}
+        return _restore_configs(state, names) if names else state
+
+    def teardown(self) -> None:
+        """Remove Ulysses from every model and restore the dataloaders' collate functions."""
+        self._remove_ulysses()
+        super().teardown()
+
+
+class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
+    """Ulysses sequence parallelism for Lightning Fabric, on top of Fabric's DDP.
+
+    ``Fabric(strategy=UlyssesFabricStrategy(sp=2), devices=4)`` (or ``strategy="ulysses_sp2"``)
+    builds the ``("dp", "sp")`` mesh; ``fabric.setup(model, optimizer)`` applies Ulysses to the
+    transformers models in ``model``; ``fabric.setup_dataloaders`` gives every rank of an SP group the
+    same samples and keeps its sequence chunk. With the model's ``out.loss`` or a loss from
+    :mod:`lightning_ulysses.objectives`, ``fabric.backward`` gives the gradients of plain DDP over
+    ``dp`` replicas. Checkpoints from ``fabric.save`` load into the model without SP.
+
+    Args:
+        sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
+        check_batches: compare a fingerprint of each batch across the SP group and raise if peers
+            received different samples.
+        check_loss: raise at the first ``fabric.backward`` whose loss never went through a reduction
+            over the SP group; ``False`` for a loss that is rank-local on purpose.
+        overlap_chunks: head groups per rank whose all-to-alls overlap attention
+            (see :func:`~lightning_ulysses.apply_ulysses`).
+        process_group_backend / timeout / start_method / ``**ddp_kwargs``: as Fabric's ``DDPStrategy``.
+
+    The strategy exposes ``sp_group``, ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size``,
+    ``dp_size`` and ``device_mesh`` (``fabric.strategy.sp_group``).
+    """
+
+    def __init__(
+        self,
+        sp: int | Literal["auto"] = "auto",
+        check_batches: bool = True,
+        check_loss: bool = True,
+        overlap_chunks: int = 1,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **ddp_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision=precision, process_group_backend=process_group_backend,
+            timeout=timeout, start_method=start_method, **ddp_kwargs,
+        )
+        self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self._validate_world()  # in the launching process, before any worker starts
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        self._validate_world()
+        super().setup_environment()
+        self._build_mesh()
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        self._apply_to(module)
+        if not any(p.requires_grad for p in module.parameters()):
+            return module  # frozen (reference model, teacher): DDP would refuse it and has nothing to reduce
+        return super().setup_module(module)
+
+    @override
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Any | None = None,
+                        filter: dict[str, Callable[[str, Any], bool]] | None = None) -> None:
+        super().save_checkpoint(path, self._clean_state(state), storage_options=storage_options, filter=filter)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("ulysses", cls, description="Ulysses SP over DDP, sp = processes per node")
+        for sp in (2, 4, 8):
+            strategy_registry.register(f"ulysses_sp{sp}", cls, description=f"Ulysses SP over DDP with sp={sp}", sp=sp)
