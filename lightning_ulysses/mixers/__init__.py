@@ -2,7 +2,22 @@
 
 :func:`sp_mixer_for` is the registry the model-coverage analysis asks, for every submodule of a
 model, before it decides that a module mixing tokens must be refused. It returns ``None`` for
-modules it does not handle.
+modules it does not handle; :func:`refusal_reason` says why for families we know and refuse.
+
+Supported (exact forward and backward, padding and packed documents; see README "Hybrid models"):
+
+* gated delta-net linear attention (:mod:`.gated_deltanet`): Qwen3-Next, Qwen3.5 / Qwen3.5-MoE and
+  every module whose forward has the same form;
+* Mamba2 mixers (:mod:`.mamba2`): Bamba, FalconH1, NemotronH, Zamba2, GraniteMoeHybrid, Mamba2.
+
+Modules are recognised by structure — their parameters and the names their ``forward`` reads
+(:func:`.common.forward_names`) — not by class name, so a new model reusing one of these mixers is
+covered, and a variant that computes anything else is not mistaken for one.
+
+Each mixer scatters heads and gathers the sequence after its per-token input projections (one
+all-to-all, :mod:`lightning_ulysses.comm`), runs its causal convolution and scan on the full
+sequence for this rank's heads with the module's own kernels, and exchanges back before its
+per-token output norm and projection.
 """
 
 from __future__ import annotations
@@ -12,10 +27,14 @@ from typing import Callable, Protocol
 from torch import nn
 
 from ..context import ForwardContext
+from .gated_deltanet import gated_deltanet_for
+from .mamba2 import mamba2_for
 
 
 class MixerSP(Protocol):
     """How one non-attention mixer module runs exactly under SP."""
+
+    family: str
 
     def check(self, sp: int) -> None:
         """Raise ``ValueError`` naming the valid ``sp`` values when ``sp`` cannot split this module."""
@@ -23,11 +42,40 @@ class MixerSP(Protocol):
     def valid_sp(self) -> list[int]:
         """Every ``sp`` this module's head/group layout allows."""
 
-    def apply(self, module: nn.Module, get_context: Callable[[], ForwardContext]) -> Callable[[], None]:
+    def apply(self, module: nn.Module, get_context: Callable[[], ForwardContext | None]) -> Callable[[], None]:
         """Patch ``module`` (instance attributes only) to run on the full sequence for this rank's
-        heads; returns the function that undoes the patch exactly."""
+        heads; returns the function that undoes the patch exactly.
+
+        ``get_context()`` returns the running SP forward's context, or ``None`` outside one (a
+        bypassed forward), where the module's own forward runs.
+        """
+
+
+_FACTORIES = (gated_deltanet_for, mamba2_for)
 
 
 def sp_mixer_for(module: nn.Module) -> MixerSP | None:
     """The SP implementation for ``module`` if it is a non-attention mixer we support, else ``None``."""
+    for factory in _FACTORIES:
+        found = factory(module)
+        if found is not None:
+            return found
     return None
+
+
+def refusal_reason(module: nn.Module) -> str | None:
+    """Why a token mixer we recognise is not run under SP (for the refusal message), else ``None``."""
+    if sp_mixer_for(module) is not None:
+        return None
+    names = set(vars(module).get("_parameters", {})) | set(vars(module).get("_modules", {}))
+    if {"x_proj", "dt_proj", "conv1d", "A_log"} <= names:
+        return (f"{type(module).__name__} is a Mamba1 mixer: its x_proj reads every channel of the convolution's "
+                "output to form dt, B and C, so a rank holding some channels over the full sequence cannot compute "
+                "them without two more exchanges per layer; not supported under SP yet.")
+    if {"conv1d", "A_log", "dt_bias"} <= names:
+        return (f"{type(module).__name__} looks like a gated delta-net or Mamba2 mixer but its forward is not one of "
+                "the forms lightning_ulysses runs exactly (lightning_ulysses.mixers); refusing rather than guessing.")
+    return None
+
+
+__all__ = ["MixerSP", "sp_mixer_for", "refusal_reason"]

@@ -1,0 +1,207 @@
+"""Hybrid models under SP: gated delta-net and Mamba2 mixers are exact against the non-SP model.
+
+Every parity case runs sp=2 and sp=4 in one world-4 fork and compares, in float32, real-token logits,
+the loss and the gradients summed over the SP group / sp (relative 1e-5, gradient ratio 1) with:
+* plain rows: the non-SP model;
+* padded rows: the non-SP model given the same 2D ``attention_mask`` (HF zeroes padded tokens
+  entering the mixer); no target is predicted from a padding position;
+* packed rows: every document run alone through the non-SP model (state and convolution start from
+  zero at each document), loss = sum over documents / all targets. HF's own non-SP forward does not
+  reset a mixer at a document start, so it is not the reference here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lightning_ulysses import apply_ulysses, shard_batch
+from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.mixers import refusal_reason, sp_mixer_for
+from tests.distributed import assert_close_rel, grad_ratio, run_distributed
+from tests.models import VOCAB, tokens
+
+WORLD = 4
+SEQ = 24
+PACKS = ([5, 9, 2, 8], [7, 3, 10, 4])  # document lengths per row
+PADS = [(7, 0), (0, 5)]  # (left, right) pad counts per row: chunk edges fall inside the padding at sp 2 and 4
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, tie_word_embeddings=False, attn_implementation="sdpa",
+               initializer_range=0.2)
+_MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+               mamba_chunk_size=8)
+
+
+def hybrid_model(family: str, seed: int = 0):
+    """A tiny float32 hybrid LM: one mixer layer, one attention layer (FalconH1: both in each layer)."""
+    import transformers as T
+
+    if family == "qwen3_next":  # 4 value heads reading 2 key heads: sp 4 replicates key heads
+        cls, cfg = T.Qwen3NextForCausalLM, T.Qwen3NextConfig(
+            **_COMMON, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], head_dim=8,
+            linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4, num_experts=0)
+    elif family == "qwen3_5":  # the split-projection layout
+        cls, cfg = T.Qwen3_5ForCausalLM, T.Qwen3_5TextConfig(
+            **_COMMON, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], head_dim=8,
+            linear_num_value_heads=4, linear_num_key_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_conv_kernel_dim=4)
+    elif family == "bamba":  # 8 heads sharing 2 B/C groups: sp 2 splits groups, sp 4 replicates them
+        cls, cfg = T.BambaForCausalLM, T.BambaConfig(**_COMMON, **_MAMBA2, num_hidden_layers=2, attn_layer_indices=[1])
+    elif family == "falcon_h1":
+        cls, cfg = T.FalconH1ForCausalLM, T.FalconH1Config(
+            **_COMMON, **_MAMBA2, num_hidden_layers=1, head_dim=8, mamba_d_ssm=64,
+            ssm_multipliers=[0.5, 1.5, 0.7, 1.3, 0.9], ssm_in_multiplier=0.8,
+            ssm_out_multiplier=4.0)
+    elif family == "falcon_h1_nonorm":
+        cls, cfg = T.FalconH1ForCausalLM, T.FalconH1Config(
+            **_COMMON, **_MAMBA2, num_hidden_layers=1, head_dim=8, mamba_d_ssm=64, mamba_rms_norm=False)
+    else:
+        raise KeyError(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).float()
+    with torch.no_grad():  # slow decays (HF's init forgets within a few tokens) and non-trivial per-head parameters
+        g = torch.Generator().manual_seed(seed)
+        for _, mixer in _mixers(model):
+            mixer.A_log.copy_(torch.empty_like(mixer.A_log).uniform_(0.02, 0.3, generator=g).log())
+            mixer.dt_bias.copy_(torch.empty_like(mixer.dt_bias).uniform_(-3.0, -1.0, generator=g))
+            for p in (getattr(mixer, "D", None), mixer.norm.weight if hasattr(mixer.norm, "weight") else None):
+                if p is not None:
+                    p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=g))
+    return model
+
+
+def _mixers(model):
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "A_log") and hasattr(m, "dt_bias")]
+
+
+def _apply(model, group):
+    """apply_ulysses, plus the mixers if this version of the handle does not apply them itself."""
+    handle = apply_ulysses(model, group)
+    undos = []
+    for _, sub in model.named_modules():
+        mixer = sp_mixer_for(sub)
+        if mixer is not None and "forward" not in vars(sub):
+            mixer.check(handle.sp_size)
+            undos.append(mixer.apply(sub, lambda: handle._current if handle.active else None))
+    return handle, undos
+
+
+def _remove(handle, undos):
+    for undo in undos:
+        undo()
+    handle.remove()
+
+
+# -- references -------------------------------------------------------------------------------
+
+
+def _packed_positions(packs) -> torch.Tensor:
+    return torch.tensor([[p for n in lens for p in range(n)] for lens in packs])
+
+
+def _case(kind: str):
+    """(SP batch, real-token mask [b, SEQ])."""
+    ids = tokens(2, SEQ)
+    real = torch.ones(2, SEQ, dtype=torch.bool)
+    if kind == "plain":
+        return {"input_ids": ids, "labels": ids.clone()}, real
+    if kind == "packed":
+        pos = _packed_positions(PACKS)
+        return {"input_ids": ids, "labels": ids.masked_fill(pos == 0, -100), "position_ids": pos}, real
+    for row, (left, right) in enumerate(PADS):
+        real[row, :left] = False
+        real[row, SEQ - right:] = False
+    labels = ids.masked_fill(~real, -100)
+    labels = labels.masked_fill(F.pad(~real[:, :-1], (1, 0), value=False), -100)  # nothing predicted from a pad
+    return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}, real
+
+
+def _reference(model, batch, kind):
+    """Non-SP logits [b, SEQ, V] and loss (backward done on ``model``)."""
+    if kind != "packed":
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), out.loss.detach()
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = torch.zeros(*ids.shape, VOCAB)
+    total = torch.zeros(())
+    for row, lens in enumerate(PACKS):
+        lo = 0
+        for n in lens:
+            doc_logits = model(input_ids=ids[row:row + 1, lo:lo + n], use_cache=False).logits
+            logits[row, lo:lo + n] = doc_logits[0].detach()
+            shifted = F.pad(labels[row, lo + 1:lo + n], (0, 1), value=-100)
+            total = total + F.cross_entropy(doc_logits[0], shifted, ignore_index=-100, reduction="sum")
+            lo += n
+    count = (F.pad(labels[:, 1:], (0, 1), value=-100) != -100).sum()
+    loss = total / count
+    loss.backward()
+    return logits, loss.detach()
+
+
+def _parity(rank, world, family, kind):
+    batch, real = _case(kind)
+    ref = hybrid_model(family)
+    ref_logits, ref_loss = _reference(ref, batch, kind)
+    dims2 = build_mesh("cpu", 2)
+    groups = {2: (dims2.sp_group, dims2.sp_rank), 4: (dist.group.WORLD, rank)}
+    losses = []
+    for sp in (2, 4):
+        group, sp_rank = groups[sp]
+        model = hybrid_model(family)
+        handle, undos = _apply(model, group)
+        out = model(**shard_batch(batch, sp_rank, sp))
+        out.loss.backward()
+        lo, hi = sp_rank * (SEQ // sp), (sp_rank + 1) * (SEQ // sp)
+        r = real[:, lo:hi]
+        tag = f"{family}/{kind}/sp{sp}/rank{sp_rank}"
+        assert torch.isfinite(out.logits).all(), tag
+        assert_close_rel(out.logits[r], ref_logits[:, lo:hi][r], name=f"{tag} logits")
+        assert_close_rel(out.loss, ref_loss, name=f"{tag} loss")
+        for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=group)  # what DDP's sum over the SP ranks sees
+            grad /= sp
+            assert_close_rel(grad, p_ref.grad, name=f"{tag} grad {name}")
+            assert abs(grad_ratio(grad, p_ref.grad) - 1) < 1e-5, f"{tag} grad ratio {name}"
+        _remove(handle, undos)
+        losses.append(out.loss.item())
+    return losses
+
+
+FAMILIES = ["qwen3_next", "qwen3_5", "bamba", "falcon_h1", "falcon_h1_nonorm"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_parity_with_non_sp_model(family, kind):
+    results = run_distributed(_parity, WORLD, family, kind)
+    for i in range(2):
+        assert len({r[i] for r in results}) == 1  # one loss on every rank
+
+
+# -- recognition and layouts ---------------------------------------------------------------------
+
+
+def test_registry_recognises_families_and_refuses_mamba1():
+    import transformers as T
+
+    found = {}
+    for family in FAMILIES[:4]:
+        for _, sub in hybrid_model(family).named_modules():
+            mixer = sp_mixer_for(sub)
+            if mixer is not None:
+                found[family] = (mixer.family, mixer.valid_sp())
+                assert refusal_reason(sub) is None
+    assert found == {"qwen3_next": ("gated delta-net", [1, 2, 4]), "qwen3_5": ("gated delta-net", [1, 2, 4]),
+                     "bamba": ("Mamba2", [1, 2, 4, 8]), "falcon_h1": ("Mamba2", [1, 2, 4, 8])}
+    jamba = T.JambaForCausalLM(T.JambaConfig(**_COMMON, num_hidden_layers=2, attn_layer_offset=1, attn_layer_period=2,
+                                             num_experts=1))
+    mixer = jamba.model.layers[0].mamba
+    assert sp_mixer_for(mixer) is None
+    assert "Mamba1" in refusal_reason(mixer)
+    assert sp_mixer_for(jamba.model.layers[1].self_attn) is None and refusal_reason(jamba.model.layers[1]) is None
