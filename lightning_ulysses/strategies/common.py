@@ -112,10 +112,12 @@ class UlyssesMixin:
         return self._dims
 
     def _validate_world(self) -> None:
-        validate_sp(self.num_nodes * self.num_processes, self.sp_size, procs_per_node=self.num_processes)
+        validate_sp(self.num_nodes * self.num_processes, self.sp_size)
 
     def _build_mesh(self) -> None:
-        self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes)
+        # The strategy's timeout for the SP and DP groups too, so a stalled SP peer fails the job in time.
+        self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes,
+                                timeout=getattr(self, "_timeout", None))
 
     def _sp_bypassed(self) -> bool:
         """True while the current stage runs the models unpatched on full sequences: predict with

@@ -14,11 +14,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from typing_extensions import override
 
 from ..activation_checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
 from ..hf import find_hf_models
+from ..mesh import world_mesh
 from .common import UlyssesMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +121,7 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
     def _shard_mesh(self) -> DeviceMesh:
         if self._sharding == "hybrid":
             return self._dims.mesh  # 2D: replicate over "dp", shard over "sp"
-        return init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("fsdp",))
+        return world_mesh(self.root_device.type)  # the world group itself: it has the strategy's timeout
 
     def _shard(self, module: nn.Module) -> None:
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
