@@ -8,7 +8,7 @@ from .metrics import PositionalLoss, PositionalLossCallback
 from .objectives import (current_sp_group, is_sp_reduced, sp_gather_tokens, sp_num_valid_tokens, sp_sequence_sum,
                          sp_shift_labels, sp_token_mean, token_logprobs)
 from .packing import PackedDataset, PackingCollator, pack_documents
-from .strategies import UlyssesFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
+from .strategies import UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
 from .tiling import SequenceTiledCompute, TiledMLP, apply_tiled_loss, sequence_tiled_compute, tile_mlps
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "tile_mlps",
     "UlyssesHandle",
     "UlyssesFabricStrategy",
+    "UlyssesFSDPFabricStrategy",
     "UlyssesFSDPStrategy",
     "UlyssesStrategy",
     "apply_ulysses",

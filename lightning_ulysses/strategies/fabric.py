@@ -1,4 +1,5 @@
-"""Lightning Fabric twins of the Ulysses strategies: ``Fabric(strategy=UlyssesFabricStrategy(sp=2))``.
+"""Lightning Fabric twins of the Ulysses strategies: ``Fabric(strategy=UlyssesFabricStrategy(sp=2))`` and
+``UlyssesFSDPFabricStrategy`` (FSDP2).
 
 The behaviour is the Trainer strategies' own (:class:`~.common.UlyssesMixin`): the DP×SP mesh, the
 sampler over ``dp`` replicas, the sharding collate, the SP-peer batch check, the loss check, the SP
@@ -24,12 +25,14 @@ from typing import Any, Callable, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.fabric.strategies.parallel import ParallelStrategy
 from torch import nn
 from typing_extensions import override
 
 from ..data import FINGERPRINT_KEY
 from .common import UlyssesMixin, _restore_configs
+from .fsdp import FSDPShardingMixin
 
 
 class _CheckedLoader:
@@ -169,3 +172,82 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         strategy_registry.register("ulysses", cls, description="Ulysses SP over DDP, sp = processes per node")
         for sp in (2, 4, 8):
             strategy_registry.register(f"ulysses_sp{sp}", cls, description=f"Ulysses SP over DDP with sp={sp}", sp=sp)
+
+
+class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelParallelStrategy):
+    """Ulysses sequence parallelism for Lightning Fabric with parameters sharded by FSDP2.
+
+    The Fabric twin of :class:`~lightning_ulysses.UlyssesFSDPStrategy`, with the contract of
+    :class:`UlyssesFabricStrategy`: ``fabric.setup(model)`` applies Ulysses to the transformers models
+    in ``model``, then shards every decoder layer and each model with ``fully_shard`` (all trainable
+    parameters must belong to HF models, or be sharded by you before). ``fabric.save`` writes a
+    sharded (DCP) folder, or one full file with ``save_distributed_checkpoint=False``; both load
+    without SP (``python -m lightning_ulysses.convert_checkpoint`` turns a folder into one file).
+
+    Args:
+        sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
+        sharding / param_dtype / reduce_dtype / reshard_after_forward: as in
+            :class:`~lightning_ulysses.UlyssesFSDPStrategy`.
+        check_batches / check_loss / overlap_chunks: as in :class:`UlyssesFabricStrategy`.
+        save_distributed_checkpoint / process_group_backend / timeout: as Fabric's ``ModelParallelStrategy``.
+    """
+
+    def __init__(
+        self,
+        sp: int | Literal["auto"] = "auto",
+        sharding: Literal["full", "hybrid"] = "full",
+        param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        reduce_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        reshard_after_forward: bool = True,
+        check_batches: bool = True,
+        check_loss: bool = True,
+        overlap_chunks: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(parallelize_fn=self._parallelize, save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        self._init_sharding(sharding, param_dtype, reduce_dtype, reshard_after_forward)
+        self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self._validate_world()
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        # Our ("dp", "sp") mesh instead of ModelParallelStrategy's data/tensor-parallel one.
+        self._validate_world()
+        ParallelStrategy.setup_environment(self)
+        self._setup_distributed()
+        self._build_mesh()
+        self._device_mesh = self._dims.mesh
+
+    @override
+    def teardown(self) -> None:
+        self._remove_ulysses()
+        # Fabric's ModelParallelStrategy.teardown ends by tearing down its checkpoint_io, a property that
+        # raises NotImplementedError for this strategy (Lightning 2.6); the rest of it:
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision.teardown()
+        self.accelerator.teardown()
+
+    def _parallelize(self, module: nn.Module, mesh: Any) -> nn.Module:
+        self._apply_to(module)
+        self._shard(module)
+        return module
+
+    @override
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Any | None = None,
+                        filter: dict[str, Callable[[str, Any], bool]] | None = None) -> None:
+        super().save_checkpoint(path, self._clean_state(state), storage_options=storage_options, filter=filter)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("ulysses_fsdp", cls, description="Ulysses SP over FSDP2, sp = processes per node")
+        for sp in (2, 4, 8):
+            strategy_registry.register(f"ulysses_fsdp_sp{sp}", cls, description=f"Ulysses SP over FSDP2, sp={sp}", sp=sp)

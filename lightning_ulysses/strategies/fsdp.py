@@ -25,7 +25,54 @@ from .common import UlyssesMixin
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
+class FSDPShardingMixin:
+    """How the Ulysses FSDP2 strategies (Trainer and Fabric) shard the HF models: every decoder layer
+    (the model's ``_no_split_modules``), then each model, over the whole world or within SP groups."""
+
+    def _init_sharding(self, sharding: str, param_dtype: str | None, reduce_dtype: str | None,
+                       reshard_after_forward: bool) -> None:
+        if sharding not in ("full", "hybrid"):
+            raise ValueError(f"sharding must be 'full' or 'hybrid', got {sharding!r}.")
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value is not None and value not in _DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None, got {value!r}.")
+        self._sharding = sharding
+        self._param_dtype = param_dtype
+        self._reduce_dtype = reduce_dtype
+        self._reshard_after_forward = reshard_after_forward
+
+    def _shard_mesh(self) -> DeviceMesh:
+        if self._sharding == "hybrid":
+            return self._dims.mesh  # 2D: replicate over "dp", shard over "sp"
+        return world_mesh(self.root_device.type)  # the world group itself: it has the strategy's timeout
+
+    def _shard(self, module: nn.Module) -> None:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in module.modules()):
+            return  # the user's configure_model sharded it (or a previous stage did)
+        mesh = self._shard_mesh()
+        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self._reshard_after_forward}
+        if self._param_dtype or self._reduce_dtype:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=_DTYPES.get(self._param_dtype), reduce_dtype=_DTYPES.get(self._reduce_dtype)
+            )
+        models = find_hf_models(module)
+        covered = {p for m in models for p in m.parameters()}
+        stray = [n for n, p in module.named_parameters() if p.requires_grad and p not in covered]
+        if stray:
+            raise ValueError(
+                f"parameters outside the HF model would not be sharded nor have gradients reduced: {stray[:5]}. "
+                "Shard them yourself with torch.distributed.fsdp.fully_shard (in configure_model, or before "
+                "fabric.setup)."
+            )
+        for model in models:
+            for layer in decoder_layers(model):
+                fully_shard(layer, **kwargs)
+            fully_shard(model, **kwargs)
+
+
+class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy):
     """Ulysses sequence parallelism with parameters sharded by FSDP2.
 
     Same contract as :class:`~lightning_ulysses.UlyssesStrategy` (mesh, sampler, sharding collate,
@@ -88,19 +135,11 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
     ) -> None:
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
-        if sharding not in ("full", "hybrid"):
-            raise ValueError(f"sharding must be 'full' or 'hybrid', got {sharding!r}.")
-        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-            if value is not None and value not in _DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or None, got {value!r}.")
+        self._init_sharding(sharding, param_dtype, reduce_dtype, reshard_after_forward)
         if offload_activations and not activation_checkpointing:
             raise ValueError("offload_activations offloads the checkpointed layer inputs: set activation_checkpointing=True.")
-        self._sharding = sharding
-        self._param_dtype = param_dtype
-        self._reduce_dtype = reduce_dtype
         self._activation_checkpointing = activation_checkpointing
         self._offload_activations = offload_activations
-        self._reshard_after_forward = reshard_after_forward
         self._ac_handles: list[CheckpointHandle] = []
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss)
 
@@ -117,35 +156,6 @@ class UlyssesFSDPStrategy(UlyssesMixin, ModelParallelStrategy):
         self._build_mesh()
         self._device_mesh = self._dims.mesh
         self.lightning_module._device_mesh = self._device_mesh
-
-    def _shard_mesh(self) -> DeviceMesh:
-        if self._sharding == "hybrid":
-            return self._dims.mesh  # 2D: replicate over "dp", shard over "sp"
-        return world_mesh(self.root_device.type)  # the world group itself: it has the strategy's timeout
-
-    def _shard(self, module: nn.Module) -> None:
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-        if any(isinstance(m, FSDPModule) for m in module.modules()):
-            return  # the user's configure_model sharded it (or a previous stage did)
-        mesh = self._shard_mesh()
-        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self._reshard_after_forward}
-        if self._param_dtype or self._reduce_dtype:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(
-                param_dtype=_DTYPES.get(self._param_dtype), reduce_dtype=_DTYPES.get(self._reduce_dtype)
-            )
-        models = find_hf_models(module)
-        covered = {p for m in models for p in m.parameters()}
-        stray = [n for n, p in module.named_parameters() if p.requires_grad and p not in covered]
-        if stray:
-            raise ValueError(
-                f"parameters outside the HF model would not be sharded nor have gradients reduced: {stray[:5]}. "
-                "Shard them yourself in configure_model with torch.distributed.fsdp.fully_shard."
-            )
-        for model in models:
-            for layer in decoder_layers(model):
-                fully_shard(layer, **kwargs)
-            fully_shard(model, **kwargs)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
