@@ -59,6 +59,18 @@ def hybrid_model(family: str, seed: int = 0):
     elif family == "falcon_h1_nonorm":
         cls, cfg = T.FalconH1ForCausalLM, T.FalconH1Config(
             **_COMMON, **_MAMBA2, num_hidden_layers=1, head_dim=8, mamba_d_ssm=64, mamba_rms_norm=False)
+    elif family == "nemotron_h":  # mixer, attention and MLP blocks
+        cls, cfg = T.NemotronHForCausalLM, T.NemotronHConfig(
+            **_COMMON, layers_block_type=["mamba", "attention", "mlp"], head_dim=8, ssm_state_size=8,
+            mamba_num_heads=8, mamba_head_dim=8, n_groups=2, conv_kernel=4, chunk_size=8)
+    elif family == "zamba2":  # a Mamba2 layer, then a Mamba2 layer after the shared attention block
+        cls, cfg = T.Zamba2ForCausalLM, T.Zamba2Config(
+            **_COMMON, num_hidden_layers=2, layers_block_type=["mamba", "hybrid"], mamba_d_state=8, mamba_d_conv=4,
+            mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8, num_mem_blocks=1)
+    elif family == "granitemoehybrid":
+        cls, cfg = T.GraniteMoeHybridForCausalLM, T.GraniteMoeHybridConfig(
+            **_COMMON, num_hidden_layers=2, layer_types=["mamba", "attention"], num_local_experts=0,
+            shared_intermediate_size=48, **{k: v for k, v in _MAMBA2.items() if k != "mamba_d_head"}, mamba_d_head=8)
     else:
         raise KeyError(family)
     torch.manual_seed(seed)
@@ -154,7 +166,10 @@ def _parity(rank, world, family, kind):
         group, sp_rank = groups[sp]
         model = hybrid_model(family)
         handle, undos = _apply(model, group)
-        out = model(**shard_batch(batch, sp_rank, sp))
+        # GraniteMoeHybridForCausalLM takes use_cache through **kwargs only, where the handle does not
+        # (yet) turn it off; the mixer refuses the cache the model would build, so pass it here.
+        extra = {"use_cache": False} if family == "granitemoehybrid" else {}
+        out = model(**shard_batch(batch, sp_rank, sp), **extra)
         out.loss.backward()
         lo, hi = sp_rank * (SEQ // sp), (sp_rank + 1) * (SEQ // sp)
         r = real[:, lo:hi]
@@ -173,7 +188,7 @@ def _parity(rank, world, family, kind):
     return losses
 
 
-FAMILIES = ["qwen3_next", "qwen3_5", "bamba", "falcon_h1", "falcon_h1_nonorm"]
+FAMILIES = ["qwen3_next", "qwen3_5", "bamba", "falcon_h1", "falcon_h1_nonorm", "nemotron_h", "zamba2", "granitemoehybrid"]
 
 
 @pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
@@ -205,3 +220,73 @@ def test_registry_recognises_families_and_refuses_mamba1():
     assert sp_mixer_for(mixer) is None
     assert "Mamba1" in refusal_reason(mixer)
     assert sp_mixer_for(jamba.model.layers[1].self_attn) is None and refusal_reason(jamba.model.layers[1]) is None
+
+
+def test_layouts_sp_cannot_split_raise_naming_valid_sp():
+    import transformers as T
+
+    gdn = T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
+        **_COMMON, num_hidden_layers=1, layer_types=["linear_attention"], head_dim=8, linear_num_value_heads=6,
+        linear_num_key_heads=3, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=0)).model.layers[0].linear_attn
+    mamba = T.NemotronHForCausalLM(T.NemotronHConfig(
+        **_COMMON, layers_block_type=["mamba"], head_dim=8, ssm_state_size=8, mamba_num_heads=6, mamba_head_dim=8,
+        n_groups=2, chunk_size=8)).model.layers[0].mixer
+    for module, valid in ((gdn, [1, 3, 6]), (mamba, [1, 2, 6])):
+        mixer = sp_mixer_for(module)
+        assert mixer.valid_sp() == valid
+        for sp in valid:
+            mixer.check(sp)
+        for sp in (4, 5) if valid[1] == 3 else (3, 4):
+            with pytest.raises(ValueError, match=rf"sp={sp} .*Choose sp from \[{', '.join(map(str, valid))}\]"):
+                mixer.check(sp)
+
+
+def _remove_and_bypass(rank, world, family):
+    model = hybrid_model(family)
+    ids = tokens(2, SEQ)
+    full = model(input_ids=ids, use_cache=False).logits
+    mixers = [m for _, m in _mixers(model)]
+    before = [dict(vars(m)) for m in mixers]
+    handle, undos = _apply(model, dist.group.WORLD)
+    assert all("forward" in vars(m) for m in mixers)
+    chunk = SEQ // world
+    local = model(input_ids=ids[:, rank * chunk:(rank + 1) * chunk]).logits
+    assert_close_rel(local, full[:, rank * chunk:(rank + 1) * chunk], name="sharded")
+    with handle.bypass():  # the mixers run their own forward on the full sequence, no collectives
+        assert torch.equal(model(input_ids=ids, use_cache=False).logits, full)
+    _remove(handle, undos)
+    _remove(handle, undos)  # idempotent
+    assert [dict(vars(m)) for m in mixers] == before
+    assert torch.equal(model(input_ids=ids, use_cache=False).logits, full)
+    return True
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+def test_remove_restores_and_bypass_runs_plain(family):
+    run_distributed(_remove_and_bypass, 2, family)
+
+
+def _checkpointed(rank, world, family):
+    """Activation checkpointing re-runs the mixers (and their exchanges) in backward: same gradients."""
+    from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
+
+    batch, _ = _case("packed")
+    grads = []
+    for checkpoint in (False, True):
+        model = hybrid_model(family)
+        handle, undos = _apply(model, dist.group.WORLD)
+        if checkpoint:
+            ckpt = checkpoint_decoder_layers(model)
+        model(**shard_batch(batch, rank, world)).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if checkpoint:
+            ckpt.remove()
+        _remove(handle, undos)
+    for a, b in zip(*grads):
+        assert_close_rel(b, a, name="checkpointed grad")
+    return True
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+def test_activation_checkpointing(family):
+    run_distributed(_checkpointed, 2, family)
