@@ -23,6 +23,7 @@ from .comm import (
     unpack_received,
 )
 from .masks import SUPPORTED_BACKENDS
+from .segments import plan_segments
 
 if TYPE_CHECKING:
     from .context import ForwardContext
@@ -222,11 +223,17 @@ def make_ulysses_attention(
 
         sliding_window = kwargs.get("sliding_window")
         causal = bool(kwargs.pop("is_causal", getattr(module, "is_causal", True)))
-        mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, query.dtype)
-        kwargs.update(extra)
-        # Backends that read positions (flash's packed-sequence detection) must see global ones.
-        kwargs["position_ids"] = ctx.metadata.position_ids
-        attend = _backend_call(backend, module, mask, kwargs)
+        # sdpa/eager: documents, padding and window bands as separate calls, no [s, s] mask
+        # (segments.py); every other pattern/backend takes the mask of masks.py.
+        plan = plan_segments(ctx.metadata, backend, sliding_window, causal)
+        if plan is not None:
+            attend = plan.bind(lambda m, extra: _backend_call(backend, module, m, {**kwargs, **extra}), backend)
+        else:
+            mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, query.dtype)
+            kwargs.update(extra)
+            # Backends that read positions (flash's packed-sequence detection) must see global ones.
+            kwargs["position_ids"] = ctx.metadata.position_ids
+            attend = _backend_call(backend, module, mask, kwargs)
         if overlap_chunks > 1:
             return _overlapped_attention(attend, query, key, value, layout, overlap_chunks, ctx.group), None
         q, k, v = heads_from_sequence([query, key, value], ctx.group)

@@ -15,9 +15,10 @@ sliding window, exactly what the backend needs for the **full** sequence:
 The rule, identical for every backend, for query index ``q`` and key index ``k`` of one row:
 ``k <= q`` (causal) and ``doc[k] == doc[q]`` (packed documents: a new document starts wherever the
 position id does not increase by exactly one) and ``k > q - window`` (sliding window) and
-``valid[k]`` (padding). A padding query may also attend to itself so that its softmax row is never
-empty (a NaN there would poison the backward even though its label is ignored); real tokens are
-unaffected because their own diagonal is always allowed.
+``valid[k]`` (padding). A padding query attends to itself only, so that its softmax row is never
+empty (a NaN there would poison the backward even though its label is ignored) and so that padding
+is a pattern of its own that the segment path (:mod:`.segments`) runs without any mask; real tokens
+are unaffected because their own diagonal is always allowed and no real query reads a padding key.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class SequenceMetadata:
             if doc is not None:
                 ok = ok & (doc[b, k] == doc[b, q])
             if valid is not None:
-                ok = ok & valid[b, k]
+                ok = ok & valid[b, k] & valid[b, q]
             return ok | (q == k)
 
         return allowed

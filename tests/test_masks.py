@@ -8,6 +8,7 @@ alone, and that non-SP reference is itself checked against the documents run alo
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from lightning_ulysses import apply_ulysses, shard_batch
 from lightning_ulysses.masks import SequenceMetadata, document_ids, varlen_kwargs
 from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.segments import SEGMENT_BACKENDS, attention_paths, dense_masks
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import tiny_model, tokens
 
@@ -142,8 +144,9 @@ def docs_alone_logits(model, ids: torch.Tensor, packs) -> torch.Tensor:
 # -- model-level parity -------------------------------------------------------------------------
 
 
-def _parity(rank, world, name, attn, overlap_chunks=1):
-    """``overlap_chunks`` applies to the sp=2 run (at sp=4 each rank holds one query head)."""
+def _parity(rank, world, name, attn, overlap_chunks=1, path="segments"):
+    """``overlap_chunks`` applies to the sp=2 run (at sp=4 each rank holds one query head); ``path``:
+    ``"segments"`` (the default execution) or ``"dense"`` (the full-sequence mask of masks.py)."""
     case = make_case(name)
     dims2 = build_mesh("cpu", 2)
     groups = {2: (dims2.sp_group, dims2.sp_rank), 4: (dist.group.WORLD, rank)}
@@ -165,8 +168,13 @@ def _parity(rank, world, name, attn, overlap_chunks=1):
         model = tiny_model(case.arch, case.heads, case.kv, attn=attn, **case.extra)
         handle = apply_ulysses(model, group, overlap_chunks=overlap_chunks if sp == 2 else 1)
         shard = shard_batch(case.batch, sp_rank, sp)
-        out = model(**shard)
-        out.loss.backward()
+        with dense_masks() if path == "dense" else contextlib.nullcontext():
+            out = model(**shard)
+            out.loss.backward()
+        taken = set(attention_paths(handle._current.metadata).values())
+        if attn in SEGMENT_BACKENDS:
+            expected = {"dense", "causal"} if path == "dense" else {"segments", "segments+bands", "causal"}
+            assert taken <= expected and taken - {"causal"}, f"{name}/{attn}: paths {taken}, wanted {path}"
         lo, hi = sp_rank * (SEQ // sp), (sp_rank + 1) * (SEQ // sp)
         r = real[:, lo:hi]
         tag = f"{name}/{attn}/sp{sp}/rank{sp_rank}"
@@ -186,10 +194,11 @@ def _parity(rank, world, name, attn, overlap_chunks=1):
     return losses
 
 
+@pytest.mark.parametrize("path", ["segments", "dense"])
 @pytest.mark.parametrize("attn", BACKENDS)
 @pytest.mark.parametrize("name", CASES)
-def test_mask_parity_with_non_sp_model(name, attn):
-    results = run_distributed(_parity, WORLD, name, attn)
+def test_mask_parity_with_non_sp_model(name, attn, path):
+    results = run_distributed(_parity, WORLD, name, attn, 1, path)
     for sp_index in range(2):
         assert len({r[sp_index] for r in results}) == 1  # the same loss on every rank
 
@@ -243,7 +252,7 @@ def brute_force_mask(positions, valid, window, causal):
             for k in range(s):
                 ok = (k <= q or not causal) and docs[k] == docs[q]
                 ok = ok and (window is None or k > q - window)
-                ok = ok and (valid is None or bool(valid[row][k]))
+                ok = ok and (valid is None or (bool(valid[row][k]) and bool(valid[row][q])))  # pads: self only
                 out[row, 0, q, k] = ok or q == k
     return out
 
