@@ -26,6 +26,19 @@ the same one, so each source must send it ``sp/Hkv`` times (all-to-all has no mu
 this is DESIGN §3's ``4·(s/sp)·H·d``. ``measured / minimum = 1.00`` means no exchange carries anything
 the destination does not need (no padding, no duplicated traffic, no extra exchanges).
 
+Hybrid models (``--hybrid``, on by default): a Qwen3-Next-shaped model (gated delta-net) and a
+Bamba-shaped one (Mamba2), each with one mixer layer and one attention layer; forward exchanges
+inside a ``ulysses/mixer`` range are the mixer's, the others the attention's. Their minimum
+(buffer convention, per layer and direction)::
+
+    gated delta-net = (s/sp)·(2·Hk_eff·dk + Hv·dv + 2·Hv)   (q, k, v, beta and decay inputs: heads → ranks)
+                    + (s/sp)·Hv·dv                          (output: back to sequence shards)
+    Mamba2          = (s/sp)·(H·P + 2·G_eff·N + H)          (x, B, C, dt: heads → ranks)
+                    + (s/sp)·H·P                            (scan output: back)
+    Hk_eff = max(Hk, sp), G_eff = max(G, sp)                (key heads / B-C groups replicated as for GQA)
+
+The gate (``z``) never travels: the gated norm is per token and runs after the exchange back.
+
 The second table times, on random tensors in the same run, the fused exchange
 ``heads_from_sequence([q, k, v])`` (one all-to-all, what the library does) against three separate
 ``heads_from_sequence([q])``, ``([k])``, ``([v])`` calls, forward only, median over ``--repeats``,
@@ -51,6 +64,7 @@ from torch.profiler import ProfilerActivity, profile
 from lightning_ulysses import apply_ulysses
 from lightning_ulysses.comm import LAUNCH_LABEL, PROFILE_LABEL, heads_from_sequence
 from lightning_ulysses.data import shard_batch
+from lightning_ulysses.mixers.common import MIXER_LABEL
 
 LAYOUTS = {"MHA": 8, "GQA": 2, "MQA": 1}  # KV heads of an 8-head model
 # the functional op of the default path, the c10d op of the overlapped (asynchronous) path
@@ -111,6 +125,61 @@ def _time_exchange(sp: int, rank: int, seq: int, heads: int, kv_eff: int, d: int
     return {name: _common.median(_common.max_over_ranks(t)) for name, t in times.items()}
 
 
+def _hybrid(kind: str, d: int, vocab: int):
+    """One mixer layer + one attention layer (8 attention heads, 2 KV heads, head_dim ``d``), float32.
+
+    ``gdn``: Qwen3-Next gated delta-net, 8 value heads reading 4 key heads, dk = dv = d.
+    ``mamba2``: Bamba Mamba2, 8 heads of P = 2d (expand 2), 1 B/C group of state N = d (as Bamba-9B).
+    """
+    import transformers as T
+
+    common = dict(vocab_size=vocab, hidden_size=8 * d, intermediate_size=16 * d, num_attention_heads=8,
+                  num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=1 << 20,
+                  attn_implementation="sdpa", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if kind == "gdn":
+        return T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
+            **common, head_dim=d, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=8,
+            linear_num_key_heads=4, linear_key_head_dim=d, linear_value_head_dim=d, num_experts=0)).float()
+    return T.BambaForCausalLM(T.BambaConfig(
+        **common, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=2 * d, mamba_n_groups=1, mamba_d_state=d,
+        mamba_expand=2, mamba_chunk_size=64)).float()
+
+
+def _hybrid_minimum(kind: str, sp: int, s: int, d: int) -> int:
+    """Mixer elements per rank per direction (buffer convention), see the module docstring."""
+    if kind == "gdn":  # Hv = 8, Hk = 4, dk = dv = d
+        return (s // sp) * (2 * max(4, sp) * d + 8 * d + 2 * 8) + (s // sp) * 8 * d
+    return (s // sp) * (8 * 2 * d + 2 * max(1, sp) * d + 8) + (s // sp) * 8 * 2 * d  # H = 8, P = 2d, G = 1, N = d
+
+
+def _profile_hybrid(rank: int, world: int, args: dict) -> dict:
+    out = {}
+    for kind in ("gdn", "mamba2"):
+        model = _hybrid(kind, args["head_dim"], args["vocab"])
+        handle = apply_ulysses(model, dist.group.WORLD)
+        batch = shard_batch(_common.full_batch(args["seq"], args["vocab"]), rank, world)
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(**batch).loss.backward()
+        handle.remove()
+        sends = {"mixer": [], "attention": [], "backward": []}
+        for event in prof.events():
+            if event.name not in A2A_OPS:
+                continue
+            names = list(_ancestors(event))
+            if any(n in A2A_OPS for n in names):
+                continue
+            numel = torch.Size(event.input_shapes[A2A_OPS[event.name]]).numel()
+            if any(n.startswith(ENGINE) for n in names):
+                sends["backward"].append(numel)
+            else:
+                sends["mixer" if MIXER_LABEL in names else "attention"].append(numel)
+        out[kind] = sends
+    return out
+
+
 def _worker(rank: int, world: int, args: dict) -> dict:
     out = {}
     for name, kv in LAYOUTS.items():
@@ -126,7 +195,29 @@ def _worker(rank: int, world: int, args: dict) -> dict:
         kv_eff = max(kv, world)
         timing = _time_exchange(world, rank, args["exchange_seq"], 8, kv_eff, args["head_dim"], args["repeats"])
         out[name] = {"kv": kv, **prof, "timing": timing}
+    if args["hybrid"]:
+        out["hybrid"] = _profile_hybrid(rank, world, args)
     return out
+
+
+def _hybrid_rows(results: dict, sps: list[int], s: int, d: int, hq: int, esize: int) -> list[list]:
+    rows = []
+    for sp in sps:
+        for kind, label in (("gdn", "Qwen3-Next-shaped"), ("mamba2", "Bamba-shaped")):
+            sends = results[sp][0]["hybrid"][kind]
+            same = all(pr["hybrid"][kind] == sends for pr in results[sp])
+            attn_min = (s // sp) * d * (hq + 2 * max(2, sp)) + (s // sp) * hq * d
+            for layer, minimum in ((f"{'gated delta-net' if kind == 'gdn' else 'Mamba2'} mixer",
+                                    _hybrid_minimum(kind, sp, s, d)), ("attention 8/2", attn_min)):
+                got = sends["mixer" if "mixer" in layer else "attention"]
+                rows.append([label, layer, sp, len(got), f"{sum(got) * esize / 1024:.0f}",
+                             f"{minimum * esize / 1024:.0f}",
+                             f"{sum(got) / minimum:.2f}" + ("" if same else " (ranks differ!)")])
+            fwd = sum(sends["mixer"]) + sum(sends["attention"])
+            if sum(sends["backward"]) != fwd:
+                rows.append([label, "backward total != forward total!", sp, len(sends["backward"]),
+                             f"{sum(sends['backward']) * esize / 1024:.0f}", f"{fwd * esize / 1024:.0f}", ""])
+    return rows
 
 
 def main() -> None:
@@ -140,6 +231,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--overlap-chunks", type=int, default=1,
                         help="profile apply_ulysses(overlap_chunks=N): N head groups, 2N exchanges per layer and direction")
+    parser.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also count the exchanges of gated delta-net and Mamba2 mixer layers (hybrid models)")
     args = parser.parse_args()
     t_start = time.perf_counter()
 
@@ -185,6 +278,14 @@ def main() -> None:
     print(_common.table(["heads q/kv", "sp", "Hkv_eff", "direction", "exchanges/layer", "buffer KiB",
                          "minimum KiB", "measured / minimum", "leaves rank KiB", "buffer / MHA formula 4(s/sp)Hd"],
                         rows))
+    if args.hybrid:
+        print()
+        print(f"Hybrid models, one mixer layer + one attention layer (8/2 heads), send volume per layer per rank "
+              f"(float32, seq {s}, buffer convention; forward, the backward mirrors it): gated delta-net Hv 8 / Hk 4, "
+              f"dk = dv = {d}; Mamba2 H 8 x P {2 * d}, G 1, N {d}. Minimum: see the module docstring.")
+        print()
+        print(_common.table(["model", "layer", "sp", "exchanges", "buffer KiB", "minimum KiB", "measured / minimum"],
+                            _hybrid_rows(results, args.sp, s, d, hq, esize)))
     print()
     print("Other collectives per training step (rank 0, not per layer), and all-to-alls that were neither "
           "in a forward ulysses/all_to_all range nor in autograd backward:")

@@ -25,6 +25,9 @@ from ..comm import heads_from_sequence, sequence_from_heads
 from ..context import CONTEXT_KWARG, ForwardContext
 
 _MISSING = object()
+# Profiler range around every mixer layer's SP forward, so benchmarks can tell its exchanges
+# (nested ulysses/all_to_all ranges) from the attention's.
+MIXER_LABEL = "ulysses/mixer"
 _SPANS_KEY = "mixers/document_spans"
 
 
@@ -228,7 +231,8 @@ def patch_forward(module: nn.Module, sp_forward: Callable[..., Tensor],
         ctx = context_or_none(kwargs, get_context)
         if ctx is None:
             return original(hidden_states, *args, **kwargs)
-        return sp_forward(self, ctx, hidden_states, *args, **kwargs)
+        with torch.profiler.record_function(MIXER_LABEL):
+            return sp_forward(self, ctx, hidden_states, *args, **kwargs)
 
     module.forward = MethodType(forward, module)
     done = False
