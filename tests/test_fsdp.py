@@ -209,3 +209,64 @@ def test_fsdp_mixed_precision_policy_trains():
         assert all(torch.isfinite(torch.tensor(losses)))
         assert losses[0] == pytest.approx(LM().model(**{k: v[None] for k, v in Samples(4, 32)[0].items()}).loss.item(),
                                           rel=0.05)
+
+
+def _fit_offload(rank, world, clip):
+    import torch.distributed.fsdp as fsdp_module
+
+    policies = []
+    fully_shard = fsdp_module.fully_shard
+
+    def spy(module, **kwargs):  # what the strategy asks FSDP2 for, whatever FSDP2 keeps privately
+        policy = kwargs.get("offload_policy")
+        policies.append((type(policy).__name__, getattr(policy, "pin_memory", None)))
+        return fully_shard(module, **kwargs)
+
+    fsdp_module.fully_shard = spy
+    lm, rec = LM(), Recorder()
+    strategy = UlyssesFSDPStrategy(sp=2, offload_params=True)
+    trainer = pl.Trainer(strategy=strategy, max_steps=3, callbacks=[rec], gradient_clip_val=clip, **trainer_kwargs())
+    trainer.fit(lm, train_dataloaders=loader(Samples(8, 30)))
+    # the tensors the optimizer steps (SGD without momentum keeps no state) and their gradients
+    stepped = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+    opt_devices = {p.device.type for p in stepped} | {p.grad.device.type for p in stepped if p.grad is not None}
+    return rec.logged, _full_state(lm), policies, opt_devices, {p.device.type for p in lm.parameters()}
+
+
+def test_fsdp_offload_params_matches_reference():
+    """FSDP2 CPU offload (on CPU the host-device copies are no-ops; the CUDA path is benchmarks/gpu_check.py):
+    the policy reaches every fully_shard call, the optimizer state stays on the host, and training with
+    gradient clipping is exact."""
+    clip = 0.05
+    results = run_distributed(_fit_offload, 4, clip)
+    ref, ref_logged = _clipped_reference(clip)
+    for logged, state, policies, opt_devices, param_devices in results:
+        assert policies and set(policies) == {("CPUOffloadPolicy", False)}  # no pinned memory without CUDA
+        assert len(policies) == len(LM().model.model.layers) + 1  # every decoder layer, then the model
+        assert opt_devices == {"cpu"} and param_devices == {"cpu"}
+        assert_close_rel(torch.tensor(logged), torch.tensor(ref_logged), name="logged train_loss")
+    for k, v in ref.state_dict().items():
+        assert_close_rel(results[0][1][k], v, name=k)
+
+
+def test_offload_params_wiring_for_cuda():
+    """What only a GPU run exercises, checked without one: pinned host memory, host-capable collectives
+    (the gradient norm of host gradients), and the buffers (not the parameters) moved to the device."""
+    from lightning_ulysses.strategies.fsdp import OFFLOAD_BACKEND, move_buffers, offload_policy
+
+    cuda = torch.device("cuda", 0)
+    strategy = UlyssesFSDPStrategy(sp=1, offload_params=True)
+    strategy.parallel_devices = [cuda]
+    assert strategy._get_process_group_backend() == OFFLOAD_BACKEND == "cpu:gloo,cuda:nccl"
+    strategy = UlyssesFSDPStrategy(sp=1, offload_params=True, process_group_backend="nccl")
+    strategy.parallel_devices = [cuda]
+    assert strategy._get_process_group_backend() == "nccl"  # the user's choice wins
+    strategy = UlyssesFSDPStrategy(sp=1)
+    strategy.parallel_devices = [cuda]
+    assert strategy._get_process_group_backend() == "nccl"
+    assert offload_policy(cuda).pin_memory and not offload_policy(torch.device("cpu")).pin_memory
+
+    module = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3))
+    move_buffers(module, torch.device("meta"))
+    assert {b.device.type for b in module.buffers()} == {"meta"}
+    assert {p.device.type for p in module.parameters()} == {"cpu"}

@@ -23,6 +23,24 @@ from ..mesh import world_mesh
 from .common import UlyssesMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOAD_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def offload_policy(device: torch.device) -> Any:
+    """FSDP2's ``CPUOffloadPolicy`` for a run on ``device``: sharded parameters, gradients and hence the
+    optimizer state live on the host. Pinned host memory (for asynchronous copies) needs CUDA."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")
+
+
+def move_buffers(module: nn.Module, device: torch.device) -> None:
+    """Move every buffer of ``module`` to ``device`` and leave the parameters where they are (on the host,
+    where FSDP2's CPU offload keeps them; ``module.to`` would move them too)."""
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
 
 
 class FSDPShardingMixin:
@@ -57,6 +75,8 @@ class FSDPShardingMixin:
             kwargs["mp_policy"] = MixedPrecisionPolicy(
                 param_dtype=_DTYPES.get(self._param_dtype), reduce_dtype=_DTYPES.get(self._reduce_dtype)
             )
+        if getattr(self, "_offload_params", False):
+            kwargs["offload_policy"] = offload_policy(self.root_device)
         models = find_hf_models(module)
         covered = {p for m in models for p in m.parameters()}
         stray = [n for n, p in module.named_parameters() if p.requires_grad and p not in covered]
@@ -92,6 +112,12 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         activation_checkpointing: checkpoint every decoder layer (non-reentrant).
         offload_activations: with checkpointing, keep each layer's input on the CPU between
             forward and backward.
+        offload_params: FSDP2's ``CPUOffloadPolicy``: the sharded parameters, their gradients and
+            the optimizer state stay in host memory and the optimizer step runs on the host; each
+            layer's parameters are copied to the device for its forward and backward. For models
+            whose training state does not fit the devices (the single-GPU long-context recipe).
+            On CUDA the default process group becomes ``"cpu:gloo,cuda:nccl"`` so that collectives
+            on host tensors (the gradient norm for clipping) work.
         reshard_after_forward: FSDP2's option; ``False`` trades memory for one all-gather less.
         eval_mode: ``"sp"`` runs validation/test sharded (exact, long-context safe); ``"bypass"``
             runs the models unpatched in eval mode on full sequences.
@@ -123,6 +149,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         reduce_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
+        offload_params: bool = False,
         reshard_after_forward: bool = True,
         eval_mode: Literal["sp", "bypass"] = "sp",
         check_batches: bool = True,
@@ -140,6 +167,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
             raise ValueError("offload_activations offloads the checkpointed layer inputs: set activation_checkpointing=True.")
         self._activation_checkpointing = activation_checkpointing
         self._offload_activations = offload_activations
+        self._offload_params = offload_params
         self._ac_handles: list[CheckpointHandle] = []
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss)
 
@@ -174,16 +202,43 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
             self._ac_handles = [checkpoint_decoder_layers(m, offload=self._offload_activations)
                                 for m in find_hf_models(self.lightning_module)]
         self._shard(self.lightning_module)
-        _materialize_distributed_module(self.model, self.root_device)
+        # FSDP2's CPU offload wants the sharded parameters materialised in host memory
+        _materialize_distributed_module(self.model, torch.device("cpu") if self._offload_params else self.root_device)
+        self._check_offload()
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and not self._offload_params:  # offload: state stays on host
             _optimizers_to_device(self.optimizers, self.root_device)
         self._adapt_throughput(trainer)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        if self._offload_params:
+            move_buffers(self.model, self.root_device)
+        else:
+            super().model_to_device()
+
+    @override
+    def _get_process_group_backend(self) -> str:
+        if self._offload_params and self._process_group_backend is None and self.root_device.type == "cuda":
+            return OFFLOAD_BACKEND
+        return super()._get_process_group_backend()
+
+    def _check_offload(self) -> None:
+        if not self._offload_params:
+            return
+        assert self.model is not None
+        on_device = [n for n, p in self.model.named_parameters() if p.device.type != "cpu"]
+        if on_device:
+            raise ValueError(
+                f"offload_params=True but parameters are not in host memory: {on_device[:3]}. A configure_model "
+                "that applies fully_shard itself must pass offload_policy=CPUOffloadPolicy() to it."
+            )
 
     @override
     def teardown(self) -> None:
