@@ -9,6 +9,7 @@ from .objectives import (current_sp_group, is_sp_reduced, sp_gather_tokens, sp_n
                          sp_shift_labels, sp_token_mean, token_logprobs)
 from .packing import PackedDataset, PackingCollator, pack_documents
 from .strategies import UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
+from .throughput import UlyssesThroughputMonitor
 from .tiling import SequenceTiledCompute, TiledMLP, apply_tiled_loss, sequence_tiled_compute, tile_mlps
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "UlyssesFSDPFabricStrategy",
     "UlyssesFSDPStrategy",
     "UlyssesStrategy",
+    "UlyssesThroughputMonitor",
     "apply_ulysses",
     "gather_sequence",
     "heads_from_sequence",

@@ -1,4 +1,4 @@
-"""UlyssesStrategy: checkpoints across sp/dp, registry names, errors, throughput, batch guards."""
+"""UlyssesStrategy: checkpoints across sp/dp, registry names, errors, batch guards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from lightning_ulysses import UlyssesStrategy
@@ -75,33 +74,6 @@ def _registry(rank, world):
 def test_registered_strategy_names():
     for name, sp, auto_sp in run_distributed(_registry, 4):
         assert (name, sp, auto_sp) == ("UlyssesStrategy", 2, 4)
-
-
-def _throughput(rank, world):
-    monitor = ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
-                                length_fn=lambda b: b["input_ids"].numel())
-    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=2), max_steps=3, callbacks=[monitor], log_every_n_steps=1,
-                         **trainer_kwargs())
-    logged = []
-
-    class Capture(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_rank:  # the monitor counts on rank 0 only
-                return
-            t = monitor._throughputs[trainer.state.stage]
-            logged.append((t.world_size, monitor._lengths[trainer.state.stage], monitor._samples[trainer.state.stage]))
-
-    trainer.callbacks.append(Capture())
-    trainer.fit(LM(), train_dataloaders=loader(Samples(8, 32)))
-    restored = all(t.world_size == 4 for t in monitor._throughputs.values())
-    return logged, restored
-
-
-def test_throughput_monitor_counts_dp_replicas_and_full_sequences():
-    logged, restored = run_distributed(_throughput, 4)[0]
-    # rank 0 (the monitor is rank-zero only): dp=2 replicas; each step one 32-token sample per replica
-    assert logged[-1] == (2, 3 * 32, 3)
-    assert restored
 
 
 def _mismatched_batches(rank, world):

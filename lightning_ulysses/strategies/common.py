@@ -8,7 +8,8 @@
 * the check that a training loss went through an SP reduction (``check_loss``), and the SP group
   that :mod:`lightning_ulysses.objectives` reduce over while SP is active;
 * predict under SP (``predict_mode="sp"``), with prediction writers on SP rank 0 only;
-* ThroughputMonitor counting ``dp`` replicas, and checkpoints free of the patch.
+* a stock ``ThroughputMonitor`` refused under SP (``UlyssesThroughputMonitor`` counts the job), and
+  checkpoints free of the patch.
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ class UlyssesMixin:
         self._dims: ParallelDims | None = None
         self._handles: list[UlyssesHandle] = []
         self._collates: list[tuple[DataLoader, Any]] = []
-        self._throughput_patches: list[tuple[ThroughputMonitor, Any, dict]] = []
 
     # -- sizes and groups ---------------------------------------------------------------------
 
@@ -118,6 +118,12 @@ class UlyssesMixin:
         # The strategy's timeout for the SP and DP groups too, so a stalled SP peer fails the job in time.
         self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes,
                                 timeout=getattr(self, "_timeout", None))
+
+    @property
+    def sequences_sharded(self) -> bool:
+        """Whether the running stage shards each sequence over the SP group; ``False`` in stages that
+        bypass SP, where every rank holds distinct full-length samples."""
+        return not self._sp_bypassed()
 
     def _sp_bypassed(self) -> bool:
         """True while the current stage runs the models unpatched on full sequences: predict with
@@ -262,17 +268,15 @@ class UlyssesMixin:
         self._loss_checked = True
 
     def _adapt_throughput(self, trainer: Any) -> None:
-        # ThroughputMonitor multiplies per-device rates by world size; under SP only dp replicas
-        # process distinct samples, and each rank sees seq/sp tokens of a sample.
-        sp, dp = self.sp_size, self.dp_size
-        for cb in trainer.callbacks:
-            if isinstance(cb, ThroughputMonitor):
-                saved = {stage: t.world_size for stage, t in cb._throughputs.items()}
-                self._throughput_patches.append((cb, cb.length_fn, saved))
-                for t in cb._throughputs.values():
-                    t.world_size = dp
-                if cb.length_fn is not None:
-                    cb.length_fn = partial(_scaled_length, cb.length_fn, sp)
+        # Lightning's ThroughputMonitor counts every rank as a replica of whole samples: under SP its
+        # global rates miss for dp = 1 and its device rates are the SP group's. Refuse it rather than
+        # log wrong numbers (or edit its private state).
+        if self.sp_size > 1 and any(isinstance(cb, ThroughputMonitor) for cb in trainer.callbacks):
+            raise ValueError(
+                "Lightning's ThroughputMonitor miscounts under sequence parallelism (it takes every rank for a "
+                "replica holding whole samples). Use lightning_ulysses.UlyssesThroughputMonitor, with the same "
+                "arguments: global rates count the job's distinct samples and tokens, device rates this device's."
+            )
 
     def _remove_ulysses(self) -> None:
         for handle in self._handles:
@@ -281,12 +285,6 @@ class UlyssesMixin:
         for loader, collate in self._collates:
             loader.collate_fn = collate
         self._collates = []
-        for cb, length_fn, saved in self._throughput_patches:
-            cb.length_fn = length_fn
-            for stage, world in saved.items():
-                if stage in cb._throughputs:
-                    cb._throughputs[stage].world_size = world
-        self._throughput_patches = []
         for cb, saved in self._writer_patches:
             for n in ("write_on_batch_end", "write_on_epoch_end"):
                 cb.__dict__.pop(n, None)
@@ -320,10 +318,6 @@ def _default_worker_init(fn: Any) -> bool:
 
 def _skip_write(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def _scaled_length(length_fn: Any, sp: int, batch: Any) -> int:
-    return length_fn(batch) * sp
 
 
 def _restore_configs(obj: Any, names: dict[str, UlyssesHandle]) -> Any:
