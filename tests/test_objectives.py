@@ -1,5 +1,6 @@
-"""The SP-objective API: hand-written cross-entropy, DPO with a frozen reference model and token-level
-KL distillation equal the non-SP computation, and the check that tells rank-local losses apart."""
+"""The SP-objective API: hand-written cross-entropy (plain and per-token weighted), DPO with a frozen
+reference model and token-level KL distillation equal the non-SP computation, and the check that
+tells rank-local losses apart."""
 
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ def _objectives(policy, ref, batch, forward, group):
                                     reduction="none").view(labels.shape)
         return sp_token_mean(per_token, labels != -100, group)
 
+    def weighted_ce():  # per-token weights (later positions count more) form the denominator too
+        logits = policy(**forward).logits
+        labels = sp_shift_labels(batch, group)
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                    reduction="none").view(labels.shape)
+        positions = forward.get("position_ids", torch.arange(labels.shape[1]).expand_as(labels))
+        return sp_token_mean(per_token, (1 + positions / SEQ) * (labels != -100), group)
+
     def dpo():
         labels = sp_shift_labels(batch, group)
         valid = labels != -100
@@ -68,7 +77,7 @@ def _objectives(policy, ref, batch, forward, group):
         valid = sp_gather_tokens(labels != -100, group)
         return per_token[valid].mean()
 
-    return {"ce": ce, "dpo": dpo, "kl": kl, "kl_gathered": kl_gathered}
+    return {"ce": ce, "weighted_ce": weighted_ce, "dpo": dpo, "kl": kl, "kl_gathered": kl_gathered}
 
 
 def _reference():
@@ -87,6 +96,13 @@ def _reference():
         logits = policy(input_ids=ids).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
+    def weighted_ce():
+        logits = policy(input_ids=ids).logits
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100,
+                                    reduction="none").view(target.shape)
+        w = (1 + torch.arange(SEQ - 1) / SEQ) * valid
+        return (per_token * w).sum() / w.sum()
+
     def dpo():
         pi = seq_logps(policy(input_ids=ids).logits)
         with torch.no_grad():
@@ -99,7 +115,7 @@ def _reference():
         return _kl_per_token(policy(input_ids=ids).logits, teacher)[:, :-1][valid].mean()
 
     out = {}
-    for name, fn in {"ce": ce, "dpo": dpo, "kl": kl, "kl_gathered": kl}.items():
+    for name, fn in {"ce": ce, "weighted_ce": weighted_ce, "dpo": dpo, "kl": kl, "kl_gathered": kl}.items():
         policy.zero_grad()
         loss = fn()
         loss.backward()
