@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning_ulysses import (apply_tiled_loss, apply_ulysses, is_sp_reduced, shard_batch, sp_gather_tokens,
                                sp_num_valid_tokens, sp_sequence_sum, sp_shift_labels, sp_token_mean, token_logprobs)
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
-from tests.lightning_setup import LM, Samples, loader, reference_fit, trainer_kwargs
+from tests.lightning_setup import LM, Samples, loader, reference_fit, replica_order, trainer_kwargs
 from tests.models import tiny_model, tokens
 
 SEQ, BETA = 30, 0.5
@@ -214,27 +214,69 @@ class ApiCE(LM):
         return sp_token_mean(per_token, labels != -100)
 
 
+class DPO(LM):
+    """Policy + frozen reference model in one LightningModule; rows of a batch: chosen, rejected."""
+
+    def __init__(self):
+        super().__init__()
+        self.model, self.ref = _models()  # the strategy applies Ulysses to both
+        self.ref.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        labels = sp_shift_labels(batch)
+        forward = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}
+        pi = sp_sequence_sum(token_logprobs(self.model(**forward).logits, labels), labels != -100)
+        with torch.no_grad():
+            ref = sp_sequence_sum(token_logprobs(self.ref(**forward).logits, labels), labels != -100)
+        return -F.logsigmoid(BETA * ((pi[0] - ref[0]) - (pi[1] - ref[1])))
+
+
 def _trainer_guard(rank, world):
     import lightning.pytorch as pl
 
     from lightning_ulysses import UlyssesStrategy
 
-    def fit(lm, **strategy_kwargs):
+    def fit(lm, batch_size=1, **strategy_kwargs):
         trainer = pl.Trainer(strategy=UlyssesStrategy(sp=2, **strategy_kwargs), max_steps=2,
                              **trainer_kwargs(devices=2))
-        trainer.fit(lm, train_dataloaders=loader(Samples(4, 30)))
-        return {k: v.clone() for k, v in lm.state_dict().items()}
+        trainer.fit(lm, train_dataloaders=loader(Samples(4, 30), batch_size=batch_size))
+        return {k: v.clone() for k, v in lm.model.state_dict().items()}
 
     with pytest.raises(RuntimeError, match=r"never went through a reduction over the SP group.*sp_token_mean"):
         fit(LocalCE())
     fit(LocalCE(), check_loss=False)  # the explicit opt-out
-    return fit(ApiCE())
+    return fit(ApiCE()), fit(DPO(), batch_size=2)
 
 
-def test_strategy_refuses_rank_local_loss_and_trains_api_loss_exactly():
+def _reference_dpo():
+    lm, ds = DPO(), Samples(4, 30)
+    opt = lm.configure_optimizers()
+    order = replica_order(4, 1, 0)[0]
+    for step in range(2):
+        idx = order[2 * step: 2 * step + 2]
+        ids, labels = ds.ids[idx], ds.labels[idx]
+        target, valid = labels[:, 1:], labels[:, 1:] != -100
+
+        def logps(model):
+            lp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+            return (lp.gather(-1, target.clamp_min(0)[..., None])[..., 0] * valid).sum(1)
+
+        pi = logps(lm.model)
+        with torch.no_grad():
+            ref = logps(lm.ref)
+        opt.zero_grad()
+        (-F.logsigmoid(BETA * ((pi[0] - ref[0]) - (pi[1] - ref[1])))).backward()
+        opt.step()
+    return lm.model.state_dict()
+
+
+def test_strategy_refuses_rank_local_loss_and_trains_api_losses_exactly():
     results = run_distributed(_trainer_guard, 2)
     ref = LM()
     reference_fit(ref, Samples(4, 30), 2, dp=1)
-    for state in results:
-        for k, v in ref.state_dict().items():
-            assert_close_rel(state[k], v, name=k)
+    ref_dpo = _reference_dpo()
+    for ce_state, dpo_state in results:
+        for k, v in ref.model.state_dict().items():
+            assert_close_rel(ce_state[k], v, name=k)
+        for k, v in ref_dpo.items():
+            assert_close_rel(dpo_state[k], v, name=f"DPO {k}")
