@@ -127,3 +127,17 @@ def test_fabric_strategies_validate_world_and_registry():
         Fabric(accelerator="cpu", devices=4, strategy=UlyssesFabricStrategy(sp=3))
     with pytest.raises(ValueError, match="sharding must be"):
         UlyssesFSDPFabricStrategy(sp=2, sharding="zero2")
+
+
+def test_fabric_loader_checks_and_drops_fingerprints():
+    from torch.utils.data import default_collate
+
+    from lightning_ulysses.data import FINGERPRINT_KEY, ShardingCollate
+    from lightning_ulysses.strategies.fabric import _CheckedLoader
+
+    seen = []
+    loader = DataLoader(Samples(2, 8), batch_size=1, collate_fn=ShardingCollate(default_collate, 0, 2))
+    checked = _CheckedLoader(loader, seen.append)
+    batches = list(checked)
+    assert len(seen) == 2 and all(FINGERPRINT_KEY not in b for b in batches)
+    assert checked.dataset is loader.dataset and len(checked) == 2
