@@ -126,8 +126,10 @@ def _sp_forward(module: nn.Module, ctx: ForwardContext, hidden_states: Tensor, c
     v = v.reshape(bsz, seq, nv, module.head_v_dim)
 
     heads = slice(v0, v0 + nv)
-    beta = b.transpose(1, 2).sigmoid()
-    g = -module.A_log[heads].float().exp() * F.softplus(a.transpose(1, 2).float() + module.dt_bias[heads])
+    # [b, s, Hv/sp] contiguous, the layout the module hands its (possibly fused) kernel.
+    b, a = b.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous()
+    beta = b.sigmoid()
+    g = -module.A_log[heads].float().exp() * F.softplus(a.float() + module.dt_bias[heads])
 
     rule = kernel(module, "torch_chunk_gated_delta_rule")
 

@@ -127,7 +127,8 @@ def _sp_forward(module: nn.Module, ctx: ForwardContext, hidden_states: Tensor, c
                           dt_bias=module.dt_bias[heads], dt_softplus=True, initial_states=None,
                           dt_limit=module.time_step_limit)
 
-    y = per_document(scan, [x, dt.transpose(1, 2), B, C], [1] * 4, 1, spans)  # [b, s, H/sp, P]
+    # dt [b, s, H/sp] contiguous, the layout the module hands its (possibly fused) scan kernel.
+    y = per_document(scan, [x, dt.transpose(1, 2).contiguous(), B, C], [1] * 4, 1, spans)  # [b, s, H/sp, P]
     y = sequence_from_channels(y.reshape(bsz, seq, nh, p), group)  # [b, s/sp, H·P]
 
     if not falcon or module.mamba_rms_norm:
