@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lightning_ulysses import UlyssesStrategy, sp_gather_tokens, sp_shift_labels, token_logprobs
+from lightning_ulysses import UlyssesFSDPStrategy, UlyssesStrategy, sp_gather_tokens, sp_shift_labels, token_logprobs
 from tests.distributed import assert_close_rel, run_distributed
 from tests.lightning_setup import LM, Samples, loader, trainer_kwargs
 
@@ -35,9 +35,9 @@ class Writer(BasePredictionWriter):
         self.written.append((list(batch_indices), prediction.clone()))
 
 
-def _predict(rank, world):
+def _predict(rank, world, strategy_cls):
     writer = Writer()
-    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=SP, predict_mode="sp"), callbacks=[writer], **trainer_kwargs())
+    trainer = pl.Trainer(strategy=strategy_cls(sp=SP, predict_mode="sp"), callbacks=[writer], **trainer_kwargs())
     scorer = Scorer()
     preds = trainer.predict(scorer, dataloaders=loader(Samples(4, SEQ, seed=5)))
     assert scorer.local_lengths == {SEQ // SP}, "predict was not sharded"
@@ -53,8 +53,9 @@ def _reference_logprobs(i):
     return logp.gather(-1, target.clamp_min(0)[..., None])[..., 0] * (target != -100)
 
 
-def test_predict_sp_matches_non_sp_and_writes_each_sample_once():
-    results = run_distributed(_predict, 4)
+@pytest.mark.parametrize("strategy_cls", [UlyssesStrategy, UlyssesFSDPStrategy], ids=["ddp", "fsdp"])
+def test_predict_sp_matches_non_sp_and_writes_each_sample_once(strategy_cls):
+    results = run_distributed(_predict, 4, strategy_cls)
     written = {}
     for rank, (preds, rank_written, patched) in enumerate(results):
         assert not patched, "the writer was left patched after predict"
