@@ -5,8 +5,8 @@ the loss and the gradients summed over the SP group / sp (relative 1e-5, gradien
 * plain rows: the non-SP model;
 * padded rows: the non-SP model given the same 2D ``attention_mask`` (HF zeroes padded tokens
   entering the mixer); no target is predicted from a padding position;
-* packed rows: every document run alone through the non-SP model (state and convolution start from
-  zero at each document), loss = sum over documents / all targets. HF's own non-SP forward does not
+* packed rows (also with padding): every document run alone through the non-SP model (state and
+  convolution start from zero at each document), loss = sum over documents / all targets. HF's own non-SP forward does not
   reset a mixer at a document start, so it is not the reference here.
 """
 
@@ -124,6 +124,11 @@ def _case(kind: str):
     if kind == "packed":
         pos = _packed_positions(PACKS)
         return {"input_ids": ids, "labels": ids.masked_fill(pos == 0, -100), "position_ids": pos}, real
+    if kind == "packed_padded":  # row 0 ends in 8 pads, their own pseudo-document (as pack_documents makes)
+        pos = _packed_positions(PACKS)
+        real[0, SEQ - PACKS[0][-1]:] = False
+        labels = ids.masked_fill((pos == 0) | ~real, -100)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": real.long()}, real
     for row, (left, right) in enumerate(PADS):
         real[row, :left] = False
         real[row, SEQ - right:] = False
@@ -134,7 +139,7 @@ def _case(kind: str):
 
 def _reference(model, batch, kind):
     """Non-SP logits [b, SEQ, V] and loss (backward done on ``model``)."""
-    if kind != "packed":
+    if not kind.startswith("packed"):
         out = model(**batch, use_cache=False)
         out.loss.backward()
         return out.logits.detach(), out.loss.detach()
@@ -144,6 +149,9 @@ def _reference(model, batch, kind):
     for row, lens in enumerate(PACKS):
         lo = 0
         for n in lens:
+            if not batch.get("attention_mask", ids)[row, lo]:  # padding: not a document
+                lo += n
+                continue
             doc_logits = model(input_ids=ids[row:row + 1, lo:lo + n], use_cache=False).logits
             logits[row, lo:lo + n] = doc_logits[0].detach()
             shifted = F.pad(labels[row, lo + 1:lo + n], (0, 1), value=-100)
@@ -197,6 +205,12 @@ def test_hybrid_parity_with_non_sp_model(family, kind):
     results = run_distributed(_parity, WORLD, family, kind)
     for i in range(2):
         assert len({r[i] for r in results}) == 1  # one loss on every rank
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+def test_packed_documents_with_padding(family):
+    """Padding and packed documents together: each real document run alone is the reference."""
+    run_distributed(_parity, WORLD, family, "packed_padded")
 
 
 # -- recognition and layouts ---------------------------------------------------------------------
@@ -290,3 +304,4 @@ def _checkpointed(rank, world, family):
 @pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
 def test_activation_checkpointing(family):
     run_distributed(_checkpointed, 2, family)
+
