@@ -126,3 +126,16 @@ def test_launcher_survives_crashes_and_hangs():
 def test_short_error_keeps_the_cause():
     tb = "Traceback (most recent call last):\n  File x\nNotImplementedError: no | backward\n"
     assert gpu_check.short_error(tb) == "NotImplementedError: no / backward"
+
+
+def test_gpu_wheels_pins_the_tested_stack_without_torch():
+    spec = importlib.util.spec_from_file_location("gpu_wheels", SCRIPT.parent / "gpu_wheels.py")
+    wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wheels)
+    import importlib.metadata as md
+
+    pins = dict(p.split("==") for p in wheels.pins())
+    for name in ("transformers", "lightning", "torchmetrics", "huggingface-hub", "tokenizers", "aiohttp"):
+        assert pins[name] == md.version(name)  # aiohttp: lightning's fsspec[http], though fsspec is torch's
+    assert not {"torch", "numpy", "fsspec", "typing-extensions"} & set(pins)
+    assert not [p for p in pins if p.startswith("nvidia")]
