@@ -63,6 +63,18 @@ def sp_mixer_for(module: nn.Module) -> MixerSP | None:
     return None
 
 
+def mixers_valid_sp(model: nn.Module) -> list[int] | None:
+    """The ``sp`` values every supported mixer of ``model`` allows (their intersection), or ``None``
+    when it has none; the caller intersects this with what its attention layers allow."""
+    found = [m for m in (sp_mixer_for(sub) for sub in model.modules()) if m is not None]
+    if not found:
+        return None
+    valid = set(found[0].valid_sp())
+    for mixer in found[1:]:
+        valid &= set(mixer.valid_sp())
+    return sorted(valid)
+
+
 def refusal_reason(module: nn.Module) -> str | None:
     """Why a token mixer we recognise is not run under SP (for the refusal message), else ``None``."""
     if sp_mixer_for(module) is not None:
@@ -78,4 +90,4 @@ def refusal_reason(module: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["MixerSP", "sp_mixer_for", "refusal_reason"]
+__all__ = ["MixerSP", "sp_mixer_for", "mixers_valid_sp", "refusal_reason"]

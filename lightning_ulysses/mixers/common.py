@@ -208,12 +208,27 @@ def kernel(module: nn.Module, name: str) -> Callable[..., Any]:
     return getattr(sys.modules[type(module).__module__], name)
 
 
-def context_or_none(kwargs: dict[str, Any], get_context: Callable[[], ForwardContext | None]) -> ForwardContext | None:
+def context_or_none(kwargs: dict[str, Any], get_context: Callable[[], ForwardContext | None],
+                    hidden_states: Tensor) -> ForwardContext | None:
     """The forward's context: the one the model passed down through ``**kwargs`` (also seen by
     activation-checkpoint recomputation), else the handle's current one; ``None`` outside an SP
-    forward (bypass), when the module's own forward runs."""
+    forward (bypass), when the module's own forward runs.
+
+    Raises:
+        RuntimeError: when the handle's context does not describe ``hidden_states`` (a context
+            left over from an earlier forward would make this rank exchange a wrong chunk).
+    """
     ctx = kwargs.pop(CONTEXT_KWARG, None)
-    return ctx if ctx is not None else get_context()
+    if ctx is not None:
+        return ctx
+    ctx = get_context()
+    if ctx is not None and tuple(hidden_states.shape[:2]) != (ctx.metadata.batch_size, ctx.local_len):
+        raise RuntimeError(
+            f"a Ulysses mixer got hidden states of [batch, seq] = {list(hidden_states.shape[:2])} but the SP forward "
+            f"holds chunks of [{ctx.metadata.batch_size}, {ctx.local_len}]; was the model called outside its "
+            "Ulysses forward without handle.bypass()?"
+        )
+    return ctx
 
 
 def patch_forward(module: nn.Module, sp_forward: Callable[..., Tensor],
@@ -228,7 +243,7 @@ def patch_forward(module: nn.Module, sp_forward: Callable[..., Tensor],
     original = module.forward
 
     def forward(self: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        ctx = context_or_none(kwargs, get_context)
+        ctx = context_or_none(kwargs, get_context, hidden_states)
         if ctx is None:
             return original(hidden_states, *args, **kwargs)
         with torch.profiler.record_function(MIXER_LABEL):
