@@ -84,6 +84,10 @@ def test_judge_rejects_what_parity_must_catch():
     assert gpu_check.judge(sp, noisy, "bf16", True) == "PASS"
     assert gpu_check.judge({**sp, "grad": 3e-2}, noisy, "bf16", True).startswith("FAIL: grad error")
     assert gpu_check.judge({**sp, "ratio_lo": 0.5}, noisy, "bf16", True).startswith("FAIL: gradient ratio")
+    # a reference that is itself off (a backend ignoring a mask without SP) does not loosen the bound
+    broken = {"loss": 0.5, "logits": 0.5, "grad": 0.5, "ratio_lo": 0.5, "ratio_hi": 1.5}
+    assert gpu_check.judge({**noisy, "grad": 0.2}, broken, "bf16", True).startswith("FAIL: grad error")
+    assert gpu_check.judge({**ok, "logits": 3e-5}, broken, "fp32", True).startswith("FAIL: logits error")
 
 
 def test_headline_arithmetic():
