@@ -184,6 +184,7 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "
 
 
 def _free_port() -> int:
+    """A free TCP port on localhost for the rendezvous of one case."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -759,9 +760,11 @@ class Run:
         self.results: dict[str, Any] = {"device": self.device, "dry_run": args.dry_run}
 
     def left(self) -> float:
+        """Seconds left of the budget."""
         return self.deadline - time.monotonic()
 
     def log(self, msg: str) -> None:
+        """A progress line on stderr (the tables go to stdout at the end)."""
         print(f"[{time.monotonic() - self.started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
     def case(self, name: str, fn: Callable, world: int, spec: dict, timeout: float,
@@ -785,6 +788,7 @@ class Run:
 
 
 def section_env(run: Run) -> list[str]:
+    """The versions and device lines, the flex_attention probe, and the collectives table."""
     out = []
     res, err = run.case("environment", _env_worker, 1, {}, timeout=120, backend=None)
     info = res[0] if res else {}
@@ -814,6 +818,7 @@ def section_env(run: Run) -> list[str]:
 
 
 def section_parity(run: Run, attns: tuple[str, ...]) -> list[list[Any]]:
+    """Rows of the parity table for the given attention backends (one 4-rank case per dtype and mask)."""
     rows = []
     flex_na = run.results.get("flex_train")
     for attn in attns:
@@ -882,10 +887,12 @@ def section_offload(run: Run) -> list[list[Any]]:
 
 
 def _fmt_mib(b: int | None) -> str:
+    """Bytes as MiB for a table cell, ``n/a`` when not measured."""
     return "n/a" if b is None else f"{b / MIB:.0f}"
 
 
 def section_tiled(run: Run) -> list[list[Any]]:
+    """Rows of the tiled table: each group's untiled case first, the ratios against it."""
     s = run.s
     rows = []
     groups = (("lm-loss", f"LM loss (seq {s.tile_seq}, hidden {s.tile_hidden}, vocab {s.tile_vocab})", s.loss_shards),
@@ -910,6 +917,7 @@ def section_tiled(run: Run) -> list[list[Any]]:
 
 
 def section_headline(run: Run) -> list[str]:
+    """The headline table and the printed derivation of the longest sequence."""
     s = run.s
     out = []
     fits: dict[int, tuple[float, float]] = {}
@@ -966,9 +974,9 @@ def section_headline(run: Run) -> list[str]:
         out.append("Derivation. peak(L, s) = a_L + b_L·s through the two lengths of each layer count:")
         out.append(f"- 1 layer: a_1 = {est['a1'] / GIB:.2f} GiB, b_1 = {est['b1'] / 1024:.1f} KiB/token; 2 layers: "
                    f"a_2 = {est['a2'] / GIB:.2f} GiB, b_2 = {est['b2'] / 1024:.1f} KiB/token.")
-        out.append(f"- one more decoder layer adds {est['da'] / MIB:.0f} MiB fixed and {est['db'] / 1024:.2f} KiB/token "
-                   "(negative increments are counted as 0): with its input offloaded, a checkpointed layer keeps "
-                   "nothing on the device between forward and backward.")
+        out.append(f"- one more decoder layer adds {est['da'] / MIB:.0f} MiB fixed and {est['db'] / 1024:.2f} "
+                   "KiB/token (negative increments are counted as 0; expected near 0 on a GPU, where a checkpointed "
+                   "layer's input waits on the host; on CPU, offload moves host to host and saves nothing).")
         out.append(f"- {s.hl_full_layers} layers: a = a_2 + {s.hl_full_layers - 2}·Δa = {est['a'] / GIB:.2f} GiB, "
                    f"b = b_2 + {s.hl_full_layers - 2}·Δb = {est['b'] / 1024:.1f} KiB/token.")
         out.append(f"- usable memory C = {cap_text}.")
@@ -978,8 +986,9 @@ def section_headline(run: Run) -> list[str]:
         if run.device == "cuda":  # in a dry run the stand-in shapes make this figure meaningless
             out.append(f"- the same arithmetic for an 80 GB H100 (C = its 81559 MiB minus the same overhead) gives "
                        f"≈ {h100['max_seq']:,.0f} tokens; ALST reports 500K tokens for Llama-8B on one 80 GB H100.")
-        out.append(f"- the host must hold the float32 parameters, gradients and AdamW moments (16 bytes per parameter) "
-                   f"plus the offloaded layer inputs, {host_ckpt / 1024:.1f} KiB per token for {s.hl_full_layers} layers "
+        out.append("- the host must hold the float32 parameters, gradients and AdamW moments (16 bytes per "
+                   f"parameter) plus the offloaded layer inputs, {host_ckpt / 1024:.1f} KiB per token for "
+                   f"{s.hl_full_layers} layers "
                    f"(≈ {host_ckpt * est['max_seq'] / GIB:,.0f} GiB at that length).")
     elif raw:
         out.append("")
@@ -998,6 +1007,7 @@ SECTIONS = ("parity", "offload", "tiled", "headline", "flex")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the sections, print the tables; 0 when the run completed (rows may still FAIL), 2 when it could not start."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: exercises every section (CI)")
     parser.add_argument("--budget", type=float, default=None,
