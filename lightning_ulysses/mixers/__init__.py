@@ -8,7 +8,9 @@ Supported (exact forward and backward, padding and packed documents; see README 
 
 * gated delta-net linear attention (:mod:`.gated_deltanet`): Qwen3-Next, Qwen3.5 / Qwen3.5-MoE and
   every module whose forward has the same form;
-* Mamba2 mixers (:mod:`.mamba2`): Bamba, FalconH1, NemotronH, Zamba2, GraniteMoeHybrid, Mamba2.
+* Mamba2 mixers (:mod:`.mamba2`): Bamba, FalconH1, NemotronH, Zamba2, GraniteMoeHybrid, Mamba2;
+* Mamba1 mixers of Jamba's form (:mod:`.mamba1`; two more exchanges per layer, since ``x_proj``
+  reads every channel).
 
 Modules are recognised by structure — their parameters and the names their ``forward`` reads
 (:func:`.common.forward_names`) — not by class name, so a new model reusing one of these mixers is
@@ -28,6 +30,7 @@ from torch import nn
 
 from ..context import ForwardContext
 from .gated_deltanet import gated_deltanet_for
+from .mamba1 import mamba1_for
 from .mamba2 import mamba2_for
 
 
@@ -51,7 +54,7 @@ class MixerSP(Protocol):
         """
 
 
-_FACTORIES = (gated_deltanet_for, mamba2_for)
+_FACTORIES = (gated_deltanet_for, mamba2_for, mamba1_for)
 
 
 def sp_mixer_for(module: nn.Module) -> MixerSP | None:
@@ -81,9 +84,9 @@ def refusal_reason(module: nn.Module) -> str | None:
         return None
     names = set(vars(module).get("_parameters", {})) | set(vars(module).get("_modules", {}))
     if {"x_proj", "dt_proj", "conv1d", "A_log"} <= names:
-        return (f"{type(module).__name__} is a Mamba1 mixer: its x_proj reads every channel of the convolution's "
-                "output to form dt, B and C, so a rank holding some channels over the full sequence cannot compute "
-                "them without two more exchanges per layer; not supported under SP yet.")
+        return (f"{type(module).__name__} is a Mamba1 mixer whose forward is not Jamba's form (e.g. it calls the "
+                "fused mamba_inner_fn in training, or dt_proj is quantized); lightning_ulysses.mixers runs only that "
+                "form exactly, so it is refused rather than guessed.")
     if {"conv1d", "A_log", "dt_bias"} <= names:
         return (f"{type(module).__name__} looks like a gated delta-net or Mamba2 mixer but its forward is not one of "
                 "the forms lightning_ulysses runs exactly (lightning_ulysses.mixers); refusing rather than guessing.")
