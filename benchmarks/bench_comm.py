@@ -26,8 +26,8 @@ the same one, so each source must send it ``sp/Hkv`` times (all-to-all has no mu
 this is DESIGN §3's ``4·(s/sp)·H·d``. ``measured / minimum = 1.00`` means no exchange carries anything
 the destination does not need (no padding, no duplicated traffic, no extra exchanges).
 
-Hybrid models (``--hybrid``, on by default): a Qwen3-Next-shaped model (gated delta-net) and a
-Bamba-shaped one (Mamba2), each with one mixer layer and one attention layer; forward exchanges
+Hybrid models (``--hybrid``, on by default): a Qwen3-Next-shaped model (gated delta-net), a
+Bamba-shaped one (Mamba2) and a Jamba-shaped one (Mamba1), each with one mixer layer and one attention layer; forward exchanges
 inside a ``ulysses/mixer`` range are the mixer's, the others the attention's. Their minimum
 (buffer convention, per layer and direction)::
 
@@ -35,6 +35,10 @@ inside a ``ulysses/mixer`` range are the mixer's, the others the attention's. Th
                     + (s/sp)·Hv·dv                          (output: back to sequence shards)
     Mamba2          = (s/sp)·(H·P + 2·G_eff·N + H)          (x, B, C, dt: heads → ranks)
                     + (s/sp)·H·P                            (scan output: back)
+    Mamba1          = (s/sp)·I                              (x: channels → ranks, for the convolution)
+                    + (s/sp)·I                              (conv output back: x_proj reads every channel)
+                    + (s/sp)·(I + 2·sp·N)                   (dt; B, C to every rank)
+                    + (s/sp)·I                              (scan output back)
     Hk_eff = max(Hk, sp), G_eff = max(G, sp)                (key heads / B-C groups replicated as for GQA)
 
 The gate (``z``) never travels: the gated norm is per token and runs after the exchange back.
@@ -130,6 +134,7 @@ def _hybrid(kind: str, d: int, vocab: int):
 
     ``gdn``: Qwen3-Next gated delta-net, 8 value heads reading 4 key heads, dk = dv = d.
     ``mamba2``: Bamba Mamba2, 8 heads of P = 2d (expand 2), 1 B/C group of state N = d (as Bamba-9B).
+    ``mamba1``: Jamba Mamba1, I = 16d channels (expand 2), state N = d, dt rank d.
     """
     import transformers as T
 
@@ -141,6 +146,10 @@ def _hybrid(kind: str, d: int, vocab: int):
         return T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
             **common, head_dim=d, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=8,
             linear_num_key_heads=4, linear_key_head_dim=d, linear_value_head_dim=d, num_experts=0)).float()
+    if kind == "mamba1":
+        return T.JambaForCausalLM(T.JambaConfig(
+            **common, attn_layer_offset=1, attn_layer_period=2, num_experts=1, mamba_d_state=d, mamba_expand=2,
+            mamba_dt_rank=d)).float()
     return T.BambaForCausalLM(T.BambaConfig(
         **common, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=2 * d, mamba_n_groups=1, mamba_d_state=d,
         mamba_expand=2, mamba_chunk_size=64)).float()
@@ -150,12 +159,14 @@ def _hybrid_minimum(kind: str, sp: int, s: int, d: int) -> int:
     """Mixer elements per rank per direction (buffer convention), see the module docstring."""
     if kind == "gdn":  # Hv = 8, Hk = 4, dk = dv = d
         return (s // sp) * (2 * max(4, sp) * d + 8 * d + 2 * 8) + (s // sp) * 8 * d
+    if kind == "mamba1":  # I = 16d, N = d
+        return (s // sp) * (4 * 16 * d + 2 * sp * d)
     return (s // sp) * (8 * 2 * d + 2 * max(1, sp) * d + 8) + (s // sp) * 8 * 2 * d  # H = 8, P = 2d, G = 1, N = d
 
 
 def _profile_hybrid(rank: int, world: int, args: dict) -> dict:
     out = {}
-    for kind in ("gdn", "mamba2"):
+    for kind in ("gdn", "mamba2", "mamba1"):
         model = _hybrid(kind, args["head_dim"], args["vocab"])
         handle = apply_ulysses(model, dist.group.WORLD)
         batch = shard_batch(_common.full_batch(args["seq"], args["vocab"]), rank, world)
@@ -203,11 +214,12 @@ def _worker(rank: int, world: int, args: dict) -> dict:
 def _hybrid_rows(results: dict, sps: list[int], s: int, d: int, hq: int, esize: int) -> list[list]:
     rows = []
     for sp in sps:
-        for kind, label in (("gdn", "Qwen3-Next-shaped"), ("mamba2", "Bamba-shaped")):
+        for kind, label in (("gdn", "Qwen3-Next-shaped"), ("mamba2", "Bamba-shaped"), ("mamba1", "Jamba-shaped")):
             sends = results[sp][0]["hybrid"][kind]
             same = all(pr["hybrid"][kind] == sends for pr in results[sp])
             attn_min = (s // sp) * d * (hq + 2 * max(2, sp)) + (s // sp) * hq * d
-            for layer, minimum in ((f"{'gated delta-net' if kind == 'gdn' else 'Mamba2'} mixer",
+            mixer = {"gdn": "gated delta-net", "mamba2": "Mamba2", "mamba1": "Mamba1"}[kind]
+            for layer, minimum in ((f"{mixer} mixer",
                                     _hybrid_minimum(kind, sp, s, d)), ("attention 8/2", attn_min)):
                 got = sends["mixer" if "mixer" in layer else "attention"]
                 rows.append([label, layer, sp, len(got), f"{sum(got) * esize / 1024:.0f}",
@@ -282,7 +294,8 @@ def main() -> None:
         print()
         print(f"Hybrid models, one mixer layer + one attention layer (8/2 heads), send volume per layer per rank "
               f"(float32, seq {s}, buffer convention; forward, the backward mirrors it): gated delta-net Hv 8 / Hk 4, "
-              f"dk = dv = {d}; Mamba2 H 8 x P {2 * d}, G 1, N {d}. Minimum: see the module docstring.")
+              f"dk = dv = {d}; Mamba2 H 8 x P {2 * d}, G 1, N {d}; Mamba1 I {16 * d}, N {d}. Minimum: see the module "
+              "docstring (Mamba1: of its four-exchange scheme).")
         print()
         print(_common.table(["model", "layer", "sp", "exchanges", "buffer KiB", "minimum KiB", "measured / minimum"],
                             _hybrid_rows(results, args.sp, s, d, hq, esize)))
