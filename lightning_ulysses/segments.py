@@ -39,12 +39,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SEGMENT_BACKENDS = ("sdpa", "eager")
-# Pieces at least this long run alone on views of the input: batching them would copy Q/K/V and
-# one call per piece already amortises the launch. Shorter pieces are gathered and batched.
-SOLO_MIN_LEN = 1024
+# Pieces at least this long run alone on views of the input: batching them would copy Q/K/V (and
+# raise the peak above plain causal attention's), while one call per piece already amortises the
+# call overhead. Shorter pieces are gathered and batched (measured in benchmarks/README.md).
+SOLO_MIN_LEN = 256
 # Length buckets: a piece of length L is right-padded to a multiple of 2**(floor(log2 L) - BITS),
 # i.e. at most 1/2**BITS longer (about 2**BITS buckets per doubling of the length).
 BUCKET_BITS = 4
+
+# Sliding windows: query blocks of window / BAND_BLOCK_DIVISOR tokens, each against
+# block + window - 1 keys; smaller blocks compute fewer masked-out scores but copy more keys.
+BAND_BLOCK_DIVISOR = 4
 
 _dense_depth = 0
 _logged: set[tuple[str, str]] = set()
@@ -304,7 +309,7 @@ def _build_plan(meta: "SequenceMetadata", window: int | None) -> SegmentPlan:
     bands = torch.nonzero(banded_span).flatten()
     if bands.numel():
         assert window is not None
-        block = max(1, window // 2)
+        block = max(1, window // BAND_BLOCK_DIVISOR)
         kv_len = block + window - 1
         lo, hi = first[bands], last[bands]  # [n_bands], inclusive core bounds
         n_blocks = (hi - lo + 1 + block - 1) // block
