@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 
 from lightning_ulysses import apply_ulysses, shard_batch
 from lightning_ulysses.mesh import build_mesh
@@ -24,6 +26,11 @@ from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import VOCAB, tokens
 
 WORLD = 4
+# The mixer forms lightning_ulysses.mixers recognises were read from this transformers release (the
+# one constraints.txt pins). An older one (the minimum-versions CI leg) may lack a model or give its
+# mixer another form; that mixer must then be refused with a reason, never run inexactly.
+FORMS_FROM = Version("5.23")
+CURRENT_FORMS = Version(transformers.__version__) >= FORMS_FROM
 SEQ = 24
 PACKS = ([5, 9, 2, 8], [7, 3, 10, 4])  # document lengths per row
 PADS = [(7, 0), (0, 5)]  # (left, right) pad counts per row: chunk edges fall inside the padding at sp 2 and 4
@@ -97,6 +104,25 @@ def hybrid_model(family: str, seed: int = 0):
 
 def _mixers(model):
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "A_log") and hasattr(m, "conv1d")]
+
+
+def exact_here(family: str) -> bool:
+    """Whether ``family`` runs exactly under SP with the installed transformers; when it does not
+    (only allowed before :data:`FORMS_FROM`), checks that its mixers are refused with a reason."""
+    try:
+        model = hybrid_model(family)
+    except (AttributeError, ImportError, TypeError, ValueError) as err:  # a class or config field it lacks
+        if CURRENT_FORMS:
+            raise
+        pytest.skip(f"transformers {transformers.__version__} cannot build the {family} test model: {err}")
+    mixers = [m for _, m in _mixers(model)]
+    assert mixers, f"{family}: no mixer found"
+    refused = [m for m in mixers if sp_mixer_for(m) is None]
+    if not refused:
+        return True
+    assert not CURRENT_FORMS, f"{family}: transformers {transformers.__version__} mixers not recognised: {refused}"
+    assert all(refusal_reason(m) for m in refused)
+    return False
 
 
 def _apply(model, group):
@@ -212,6 +238,8 @@ FAMILIES = ["qwen3_next", "qwen3_5", "bamba", "falcon_h1", "falcon_h1_nonorm", "
 @pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hybrid_parity_with_non_sp_model(family, kind):
+    if not exact_here(family):
+        return
     results = run_distributed(_parity, WORLD, family, kind)
     for i in range(2):
         assert len({r[i] for r in results}) == 1  # one loss on every rank
@@ -220,7 +248,8 @@ def test_hybrid_parity_with_non_sp_model(family, kind):
 @pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
 def test_packed_documents_with_padding(family):
     """Padding and packed documents together: each real document run alone is the reference."""
-    run_distributed(_parity, WORLD, family, "packed_padded")
+    if exact_here(family):
+        run_distributed(_parity, WORLD, family, "packed_padded")
 
 
 # -- recognition and layouts ---------------------------------------------------------------------
@@ -229,6 +258,10 @@ def test_packed_documents_with_padding(family):
 def test_registry_recognises_families_and_refuses_other_forms():
     import transformers as T
 
+    if not CURRENT_FORMS:  # an older transformers: each family is exact or refused (exact_here checks which)
+        for family in FAMILIES:
+            exact_here(family)
+        return
     found = {}
     for family in ("qwen3_next", "qwen3_5", "bamba", "falcon_h1", "jamba"):
         model = hybrid_model(family)
@@ -257,6 +290,8 @@ def test_registry_recognises_families_and_refuses_other_forms():
 def test_layouts_sp_cannot_split_raise_naming_valid_sp():
     import transformers as T
 
+    if not (exact_here("qwen3_next") and exact_here("nemotron_h")):
+        return
     gdn = T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
         **_COMMON, num_hidden_layers=1, layer_types=["linear_attention"], head_dim=8, linear_num_value_heads=6,
         linear_num_key_heads=3, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=0)).model.layers[0].linear_attn
@@ -295,7 +330,8 @@ def _remove_and_bypass(rank, world, family):
 
 @pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
 def test_remove_restores_and_bypass_runs_plain(family):
-    run_distributed(_remove_and_bypass, 2, family)
+    if exact_here(family):
+        run_distributed(_remove_and_bypass, 2, family)
 
 
 def _checkpointed(rank, world, family):
@@ -321,7 +357,8 @@ def _checkpointed(rank, world, family):
 
 @pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
 def test_activation_checkpointing(family):
-    run_distributed(_checkpointed, 2, family)
+    if exact_here(family):
+        run_distributed(_checkpointed, 2, family)
 
 
 
@@ -330,6 +367,8 @@ def test_model_valid_sp_and_stale_context():
     from lightning_ulysses.masks import SequenceMetadata
     from lightning_ulysses.mixers import mixers_valid_sp
 
+    if not (exact_here("bamba") and exact_here("qwen3_next")):
+        return
     assert mixers_valid_sp(hybrid_model("bamba")) == [1, 2, 4, 8]
     assert mixers_valid_sp(hybrid_model("qwen3_next")) == [1, 2, 4]
     assert mixers_valid_sp(torch.nn.Linear(2, 2)) is None
