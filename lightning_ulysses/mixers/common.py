@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from ..comm import heads_from_sequence, sequence_from_heads
 from ..context import CONTEXT_KWARG, ForwardContext
@@ -92,11 +93,12 @@ def replicate_groups(x: Tensor, num_groups: int, replicate: int) -> Tensor:
 # -- the exchange --------------------------------------------------------------------------------
 
 
-def channels_from_sequence(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
+def channels_from_sequence(tensors: Sequence[Tensor], group: ProcessGroup) -> list[Tensor]:
     """Sequence-sharded → head-sharded channels, all tensors in one all-to-all on ``group`` (SP).
 
     Args:
         tensors: each ``[batch, seq/sp, C_i]`` (one dtype), ``C_i`` head-major and divisible by ``sp``.
+        group: the SP process group; rank ``r`` of it holds sequence chunk ``r``.
 
     Returns:
         ``[batch, C_i/sp, seq]`` per input (channels first, the layout of a depthwise ``conv1d``):
@@ -106,11 +108,12 @@ def channels_from_sequence(tensors: Sequence[Tensor], group: Any) -> list[Tensor
     return [y.squeeze(-1) for y in out]
 
 
-def sequence_from_channels(x: Tensor, group: Any) -> Tensor:
+def sequence_from_channels(x: Tensor, group: ProcessGroup) -> Tensor:
     """Head-sharded → sequence-sharded, the inverse of :func:`channels_from_sequence`.
 
     Args:
         x: ``[batch, seq, heads/sp, width]``: this rank's heads over the full sequence.
+        group: the SP process group.
 
     Returns:
         ``[batch, seq/sp, heads·width]``: this rank's tokens, every head, in the non-SP layout.
