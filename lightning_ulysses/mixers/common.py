@@ -97,15 +97,20 @@ def channels_from_sequence(tensors: Sequence[Tensor], group: ProcessGroup) -> li
     """Sequence-sharded → head-sharded channels, all tensors in one all-to-all on ``group`` (SP).
 
     Args:
-        tensors: each ``[batch, seq/sp, C_i]`` (one dtype), ``C_i`` head-major and divisible by ``sp``.
+        tensors: each ``[batch, seq/sp, C_i]``, ``C_i`` head-major and divisible by ``sp``.
         group: the SP process group; rank ``r`` of it holds sequence chunk ``r``.
 
     Returns:
         ``[batch, C_i/sp, seq]`` per input (channels first, the layout of a depthwise ``conv1d``):
-        channel block ``[r·C_i/sp, (r+1)·C_i/sp)`` over the full sequence on SP rank ``r``.
+        channel block ``[r·C_i/sp, (r+1)·C_i/sp)`` over the full sequence on SP rank ``r``, in the
+        input's dtype. Inputs of different float dtypes (autocast leaves some projections in
+        float32) travel in the promoted dtype and come back cast to their own, which is lossless.
     """
-    out = heads_from_sequence([x.transpose(1, 2).unsqueeze(-1) for x in tensors], group)
-    return [y.squeeze(-1) for y in out]
+    common = tensors[0].dtype
+    for x in tensors[1:]:
+        common = torch.promote_types(common, x.dtype)
+    out = heads_from_sequence([x.to(common).transpose(1, 2).unsqueeze(-1) for x in tensors], group)
+    return [y.squeeze(-1).to(x.dtype) for x, y in zip(tensors, out)]
 
 
 def sequence_from_channels(x: Tensor, group: ProcessGroup) -> Tensor:
