@@ -84,10 +84,10 @@ class GatedDeltaNetSP:
         return patch_forward(module, _sp_forward, get_context)
 
 
-def _local_channels(module: nn.Module, part: GroupSlice, v_heads: tuple[int, int], device: torch.device) -> Tensor:
+def _local_channels(module: nn.Module, part: GroupSlice, device: torch.device) -> Tensor:
     """Indices of this rank's conv channels in the module's ``[q | k | v]`` channel order."""
     dk, dv, kd = module.head_k_dim, module.head_v_dim, module.key_dim
-    (k0, nk), (v0, nv) = part.groups, v_heads
+    (k0, nk), (v0, nv) = part.groups, part.heads
     q = torch.arange(k0 * dk, (k0 + nk) * dk, device=device)
     return torch.cat([q, q + kd, torch.arange(2 * kd + v0 * dv, 2 * kd + (v0 + nv) * dv, device=device)])
 
@@ -111,7 +111,7 @@ def _sp_forward(module: nn.Module, ctx: ForwardContext, hidden_states: Tensor, c
 
     # Causal depthwise convolution of this rank's q/k/v channels over the full sequence.
     v0, nv = part.heads
-    channels = _local_channels(module, part, part.heads, q.device)
+    channels = _local_channels(module, part, q.device)
     weight, bias = depthwise_weight(module.conv1d, channels)
     conv = kernel(module, "causal_conv1d_fn")
     spans = document_spans(ctx)
