@@ -413,3 +413,30 @@ def test_low_precision_matches_non_sp(family):
         # bf16 rounds at 4e-3; a dtype the module would not use (e.g. a float32 time step where the
         # module adds its bias in bf16) shows as ~1e-2
         assert all(err < 2e-3 for err in errors.values()), errors
+
+
+def test_per_document_batches_short_documents_exactly():
+    """Short documents share right-padded batched calls, long ones run alone: both equal one call per
+    document for a causal kernel (here a decaying running sum, batch on dim 0, sequence on dim 2)."""
+    from lightning_ulysses.mixers.common import SOLO_MIN_LEN, per_document
+
+    def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [b, c, s], [b, s] -> [b, c, s]
+        state, outs = torch.zeros_like(x[..., 0]), []
+        for t in range(x.shape[-1]):
+            state = 0.9 * state + x[..., t] * w[:, None, t]
+            outs.append(state)
+        return torch.stack(outs, dim=-1)
+
+    lengths = [[3, 17, SOLO_MIN_LEN + 5, 1, 40], [SOLO_MIN_LEN + 20, 3, 16, 7, 20]]
+    spans = [[(sum(r[:i]), sum(r[:i + 1])) for i in range(len(r))] for r in lengths]
+    seq = sum(lengths[0])
+    x = torch.randn(2, 3, seq, requires_grad=True)
+    w = torch.randn(seq, 2).t().contiguous().requires_grad_()
+    batched = per_document(kernel, [x, w], [2, 1], 2, spans)
+    alone = torch.cat([torch.cat([kernel(x[r:r + 1, :, lo:hi], w[r:r + 1, lo:hi]) for lo, hi in row], dim=2)
+                       for r, row in enumerate(spans)])
+    assert_close_rel(batched, alone, name="outputs")
+    g = torch.randn_like(alone)
+    grads = torch.autograd.grad(batched, [x, w], g)
+    for got, want in zip(grads, torch.autograd.grad(alone, [x, w], g)):
+        assert_close_rel(got, want, name="grads")

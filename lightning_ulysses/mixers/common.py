@@ -165,26 +165,61 @@ def document_spans(ctx: ForwardContext) -> list[list[tuple[int, int]]] | None:
     return cache[_SPANS_KEY]
 
 
+# Documents at least this long run alone on views of the inputs; shorter ones are right-padded to
+# a power of two (at least SHORT_BUCKET_MIN) and run as one batch per length, so a row of many short
+# documents costs a few kernel calls instead of one per document.
+SOLO_MIN_LEN = 256
+SHORT_BUCKET_MIN = 16
+
+
+def _right_pad(x: Tensor, dim: int, length: int) -> Tensor:
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
 def per_document(fn: Callable[..., Tensor], args: Sequence[Tensor], seq_dims: Sequence[int], out_dim: int,
                  spans: list[list[tuple[int, int]]] | None) -> Tensor:
     """``fn(*args)`` run on each document alone (its state and convolution start from zero), the
     results concatenated back along the sequence.
 
     This is the exact reference for packed rows — each document run through the model on its own —
-    for any kernel, fused or not, since each call sees one document only.
+    for any causal kernel, fused or not: each batch entry of a call holds one document, and a short
+    document right-padded with zeros to share a call with others of its length bucket gets the same
+    outputs on its real tokens (a causal kernel never looks right; the padded outputs are dropped).
 
     Args:
-        fn: a sequence kernel, batch on dim 0 of every argument and of its output.
-        args: full-sequence tensors; ``seq_dims[i]`` is the sequence dim of ``args[i]``.
+        fn: a causal sequence kernel, batch on dim 0 of every argument and of its output.
+        args: full-sequence tensors, batch on dim 0; ``seq_dims[i]`` is the sequence dim of ``args[i]``.
         out_dim: the sequence dim of ``fn``'s output.
         spans: from :func:`document_spans`; ``None`` runs ``fn`` once on everything.
     """
     if spans is None:
         return fn(*args)
+
+    def piece(row: int, lo: int, hi: int, length: int) -> list[Tensor]:
+        return [_right_pad(a.narrow(0, row, 1).narrow(d, lo, hi - lo), d, length) for a, d in zip(args, seq_dims)]
+
+    outputs: dict[tuple[int, int], Tensor] = {}
+    buckets: dict[int, list[tuple[int, int, int]]] = {}
+    for row, row_spans in enumerate(spans):
+        for lo, hi in row_spans:
+            if hi - lo >= SOLO_MIN_LEN:
+                outputs[(row, lo)] = fn(*piece(row, lo, hi, hi - lo))
+            else:
+                length = max(SHORT_BUCKET_MIN, 1 << (hi - lo - 1).bit_length())
+                buckets.setdefault(length, []).append((row, lo, hi))
+    for length, members in buckets.items():
+        batch = [torch.cat(parts, dim=0) for parts in zip(*(piece(row, lo, hi, length) for row, lo, hi in members))]
+        out = fn(*batch)
+        for i, (row, lo, hi) in enumerate(members):
+            outputs[(row, lo)] = out.narrow(0, i, 1).narrow(out_dim, 0, hi - lo)
     rows = []
-    for i, row_spans in enumerate(spans):
-        pieces = [fn(*[a.narrow(0, i, 1).narrow(d, lo, hi - lo) for a, d in zip(args, seq_dims)])
-                  for lo, hi in row_spans]
+    for row, row_spans in enumerate(spans):
+        pieces = [outputs[(row, lo)] for lo, _ in row_spans]
         rows.append(torch.cat(pieces, dim=out_dim) if len(pieces) > 1 else pieces[0])
     return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
