@@ -122,7 +122,8 @@ def test_fabric_strategies_validate_world_and_registry():
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import STRATEGY_REGISTRY
 
-    assert {"ulysses", "ulysses_sp2", "ulysses_fsdp", "ulysses_fsdp_sp4"} <= set(STRATEGY_REGISTRY.available_strategies())
+    names = set(STRATEGY_REGISTRY.available_strategies())
+    assert {"ulysses", "ulysses_sp2", "ulysses_fsdp", "ulysses_fsdp_sp4"} <= names
     with pytest.raises(ValueError, match=r"world size 4 .* not divisible by sp=3"):
         Fabric(accelerator="cpu", devices=4, strategy=UlyssesFabricStrategy(sp=3))
     with pytest.raises(ValueError, match="sharding must be"):

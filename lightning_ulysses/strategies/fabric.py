@@ -250,4 +250,5 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register("ulysses_fsdp", cls, description="Ulysses SP over FSDP2, sp = processes per node")
         for sp in (2, 4, 8):
-            strategy_registry.register(f"ulysses_fsdp_sp{sp}", cls, description=f"Ulysses SP over FSDP2, sp={sp}", sp=sp)
+            strategy_registry.register(f"ulysses_fsdp_sp{sp}", cls, description=f"Ulysses SP over FSDP2, sp={sp}",
+                                       sp=sp)
