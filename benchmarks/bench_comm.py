@@ -23,7 +23,7 @@ Minimum (buffer convention, elements; s = full sequence, d = head dim, Hq query 
 ``Hkv_eff`` is what the destinations need: with ``Hkv >= sp`` every rank receives ``Hkv/sp`` distinct KV
 heads; with ``sp > Hkv`` (GQA/MQA) each rank still needs one whole KV head, and ``sp/Hkv`` ranks need
 the same one, so each source must send it ``sp/Hkv`` times (all-to-all has no multicast). For MHA
-this is DESIGN §3's ``4·(s/sp)·H·d``. ``measured / minimum = 1.00`` means no exchange carries anything
+this is ``4·(s/sp)·H·d`` (docs/communication.md). ``measured / minimum = 1.00`` means no exchange carries anything
 the destination does not need (no padding, no duplicated traffic, no extra exchanges).
 
 Hybrid models (``--hybrid``, on by default): a Qwen3-Next-shaped model (gated delta-net), a

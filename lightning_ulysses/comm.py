@@ -8,7 +8,7 @@ Everything that moves data between SP ranks lives here:
 * :func:`sequence_from_heads` — the inverse exchange for the attention output.
 * :class:`PendingExchanges` — the same exchanges started asynchronously, forward and backward, so
   that the attention of one head group runs while another group's data moves (``overlap_chunks``).
-* :func:`sum_over_group` — an all-reduce whose backward is again a sum over the group (DESIGN §4).
+* :func:`sum_over_group` — an all-reduce whose backward is again a sum over the group (docs/sp-loss.md).
 * :func:`gather_sequence` — a non-differentiable all-gather along the sequence dimension, for
   metadata (positions, padding, labels) and for gathering predictions.
 
@@ -228,7 +228,7 @@ def sum_over_group(x: Tensor, group: ProcessGroup) -> Tensor:
 
     The backward sums the upstream gradients over the group, so with every rank's upstream
     gradient equal to ``c``, each rank's ``x`` receives ``sp * c``. That is what makes DDP's
-    ``1/world`` average yield exactly the non-SP gradient (DESIGN §4).
+    ``1/world`` average yield exactly the non-SP gradient (docs/sp-loss.md).
     """
     return _SumOverGroup.apply(x, group)
 

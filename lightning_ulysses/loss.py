@@ -1,4 +1,4 @@
-"""The exact token-mean causal-LM loss over a whole SP-sharded sequence (DESIGN §4).
+"""The exact token-mean causal-LM loss over a whole SP-sharded sequence (docs/sp-loss.md).
 
 Rank ``r`` of an SP group holds the loss sum ``S_r`` over its ``n_r`` valid tokens; with
 ``N = sum_r n_r`` every rank returns ``sum_over_group(S_r) / N``. The forward value is the group's

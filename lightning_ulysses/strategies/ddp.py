@@ -20,7 +20,7 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
     (SP groups are contiguous ranks), applies Ulysses to every transformers ``PreTrainedModel`` in
     the LightningModule for fit/validate/test, gives every rank of an SP group the same samples and
     keeps this rank's sequence chunk of each batch. DDP reduces gradients over all ``dp x sp``
-    ranks, which together with the SP loss (DESIGN §4) reproduces a non-SP run exactly.
+    ranks, which together with the SP loss (docs/sp-loss.md) reproduces a non-SP run exactly.
 
     Args:
         sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
