@@ -36,6 +36,7 @@ from .comm import SP_REDUCTIONS, gather_sequence, gather_sequence_grad, sum_over
 from .loss import shift_labels_full
 
 IGNORE_INDEX = -100
+_COMPILED_NODE = "CompiledFunctionBackward"  # torch.compile's backward node (AOTAutograd)
 
 # Callables that return the SP group of a running Ulysses strategy while SP is active (else None);
 # the strategies add one in setup and remove it in teardown.
@@ -217,7 +218,8 @@ def is_sp_reduced(loss: Tensor) -> bool:
 
     A loss without one was computed from this rank's chunk alone: its value is the chunk's, not the
     sequence's. Breadth-first from the loss, so the usual case (the reduction a few nodes below the
-    loss) costs next to nothing.
+    loss) costs next to nothing. A region compiled by ``torch.compile`` is opaque to this walk and
+    counts as reduced: it may hold the reduction, and a false alarm would stop correct training.
     """
     root = loss.grad_fn
     if root is None:
@@ -226,7 +228,7 @@ def is_sp_reduced(loss: Tensor) -> bool:
     while frontier:
         nxt = []
         for node in frontier:
-            if getattr(node, "_forward_cls", None) in SP_REDUCTIONS:
+            if getattr(node, "_forward_cls", None) in SP_REDUCTIONS or type(node).__name__ == _COMPILED_NODE:
                 return True
             for child, _ in node.next_functions:
                 if child is not None and child not in seen:

@@ -192,6 +192,24 @@ def test_token_mean_of_nothing_is_zero():
     assert not is_sp_reduced(values.sum())
 
 
+class CompiledFunction(torch.autograd.Function):
+    """Stands in for a torch.compile region (its backward node has the same name), without compiling."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def test_compiled_regions_count_as_reduced():
+    x = torch.randn(3, requires_grad=True)
+    assert type(CompiledFunction.apply(x).grad_fn).__name__ == "CompiledFunctionBackward"
+    assert is_sp_reduced(CompiledFunction.apply(x).sum())  # opaque: no false alarm on correct code
+
+
 # -- the strategy's loss check, under the Trainer ----------------------------------------------
 
 
