@@ -28,8 +28,15 @@ is below the failing one). Lengths are multiples of ``--granule * sp``. A row th
 reported as ``>= cap`` (a lower bound), and every row also gets a linear extrapolation to the budget
 from its two longest measured lengths (the cap and half of it for rows that fit there).
 
+``--debug-skip-attention`` searches the tiled configurations with ``apply_ulysses(...,
+debug_skip_attention=True)``: every attention layer but the last skips its O(s^2) computation (the
+exchanges still run; the last layer still allocates attention's transient memory), so their limit is
+measured up to ``--debug-max-local-seq`` tokens per rank instead of extrapolated from the CPU cap.
+Only the search uses it; the fixed-length table always runs real attention.
+
     python benchmarks/bench_memory.py            # all four configurations searched: ~15 min on 2 cores
     python benchmarks/bench_memory.py --quick    # search plain and tiled+ckpt-offload only: ~8 min
+    python benchmarks/bench_memory.py --configs tiled+ckpt-offload --sp 4 --debug-skip-attention
     python benchmarks/bench_memory.py --device cuda --budget 70 --max-local-seq 262144 --hidden 4096
 """
 
@@ -94,8 +101,8 @@ def _worker(rank: int, world: int, spec: dict) -> dict:
     model = _common.llama(**spec["model"]).to(device)
     model.train()
     group = dist.group.WORLD
-    if world > 1:
-        apply_ulysses(model, group)
+    if world > 1 or spec["debug"]:  # the debug mode lives in the Ulysses attention (sp = 1 included)
+        apply_ulysses(model, group, debug_skip_attention=spec["debug"])
     if tiled:
         apply_tiled_loss(model, tile_bytes=spec["tile_bytes"])
         tile_mlps(model, group=group)
@@ -133,10 +140,15 @@ def _worker(rank: int, world: int, spec: dict) -> dict:
     return out
 
 
-def run_case(args, config: str, sp: int, seqs: list[int]) -> list[dict]:
+def debug_search(args, config: str) -> bool:
+    """Whether ``config``'s longest sequence is searched with attention skipped in all but the last layer."""
+    return args.debug_skip_attention and CONFIGS[config][0]
+
+
+def run_case(args, config: str, sp: int, seqs: list[int], debug: bool = False) -> list[dict]:
     """Per-rank peak of one forward+backward at each of ``seqs`` (one process group): the max over the ranks."""
     spec = {"device": args.device, "config": config, "seqs": sorted(seqs), "model": args.model,
-            "tile_bytes": int(args.loss_tile_mib * MIB)}
+            "tile_bytes": int(args.loss_tile_mib * MIB), "debug": debug}
     backend = "gloo" if args.device == "cpu" else "nccl"
     res = _common.launch(_worker, sp, spec, threads=args.threads_per_process, backend=backend)
     return [{**max((r[i] for r in res), key=lambda x: x["peak"]), "time": max(r[i]["time"] for r in res)}
@@ -153,11 +165,12 @@ def search(args, config: str, sp: int, start: int, start_peak: int, log) -> dict
     """
     budget = args.budget * 2**30
     g = args.granule * sp
-    cap = max(g, args.max_local_seq * sp // g * g)
+    debug = debug_search(args, config)
+    cap = max(g, (args.debug_max_local_seq if debug else args.max_local_seq) * sp // g * g)
     points = [(start, start_peak)]
 
     def fits(s: int) -> bool:
-        r = run_case(args, config, sp, [s])[0]
+        r = run_case(args, config, sp, [s], debug=debug)[0]
         points.append((s, r["peak"]))
         log(f"    {config} sp {sp}: seq {s} peak {r['peak'] / MIB:.0f} MiB ({r['time']:.0f} s)")
         return r["peak"] <= budget
@@ -226,6 +239,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.0, help="GiB per rank")
     parser.add_argument("--max-local-seq", type=int, default=2048,
                         help="search cap in tokens per rank (cap = this * sp): compute on CPU is slow")
+    parser.add_argument("--debug-skip-attention", action="store_true",
+                        help="search the tiled configurations with attention skipped in all but the last layer "
+                             "(apply_ulysses debug mode): measured up to --debug-max-local-seq, not extrapolated")
+    parser.add_argument("--debug-max-local-seq", type=int, default=16384,
+                        help="search cap in tokens per rank for the --debug-skip-attention searches")
     parser.add_argument("--granule", type=int, default=128, help="searched lengths are multiples of granule * sp")
     parser.add_argument("--tolerance", type=float, default=0.25, help="stop bisecting when fail/fit <= 1 + tol")
     parser.add_argument("--quick", action="store_true", help="search only plain and tiled+ckpt-offload, with a 50%% tolerance")
@@ -281,7 +299,9 @@ def main() -> None:
                 g = args.granule * sp
                 start = max(g, min(args.seq, args.max_local_seq * sp) // g * g)
                 known = fixed.get((config, sp))
-                start_peak = known["peak"] if known and start == args.seq else run_case(args, config, sp, [start])[0]["peak"]
+                debug = debug_search(args, config)
+                start_peak = (known["peak"] if known and start == args.seq and not debug
+                              else run_case(args, config, sp, [start], debug=debug)[0]["peak"])
                 res = search(args, config, sp, start, start_peak, log)
                 found[(config, sp)] = res
                 log(f"  {config} sp {sp}: fits {res['lo']}, fails {res['hi']}, {res['probes']} probes")
@@ -300,14 +320,17 @@ def main() -> None:
             slope_s = "n/a" if slope != slope else f"{slope / 1024:.0f}"
             est_s = "n/a" if est is None else f"{est:,.0f}"
             est_ratio = "n/a" if not (est and ref_est) else f"{est / ref_est:.1f}"
-            rows.append([config, sp, shown, bracket, ratio, slope_s, est_s, est_ratio, res["probes"]])
+            rows.append([config + (" (debug attn)" if debug_search(args, config) else ""), sp, shown, bracket, ratio,
+                         slope_s, est_s, est_ratio, res["probes"]])
         print()
         print(f"Longest sequence with per-rank peak <= {args.budget:g} GiB, measured: cap probed first, doubling, then "
               f"bisection to within {args.tolerance:.0%}; lengths are multiples of {args.granule}*sp, capped at "
               f"{args.max_local_seq} tokens per rank (CPU compute is slow: '>= cap' rows are lower bounds). "
               "KiB/token and 'linear est.' come from the line peak = a + b*seq through the two longest lengths "
               "measured for that row (memory is linear in seq here: the CPU sdpa kernel keeps no s^2 buffer and "
-              "the tiles have a fixed size), extrapolated to the budget. Ratios vs plain sp=1 (= one rank of plain DDP):")
+              "the tiles have a fixed size), extrapolated to the budget. '(debug attn)' rows were searched with attention "
+              f"skipped in all but the last layer, capped at {args.debug_max_local_seq} tokens per rank. "
+              "Ratios vs plain sp=1 (= one rank of plain DDP):")
         print()
         print(_common.table(["config", "sp", "max seq (measured)", "bracket [fits, fails)", "ratio vs plain DDP",
                              "KiB / token (fit)", "linear est. max seq", "est. ratio vs plain DDP", "probes"], rows))

@@ -178,7 +178,8 @@ def check_backend(backend: str | None) -> str:
 
 
 def make_ulysses_attention(
-    backend: str, layout: HeadLayout, get_context: Callable[[dict], "ForwardContext"], overlap_chunks: int = 1
+    backend: str, layout: HeadLayout, get_context: Callable[[dict], "ForwardContext"], overlap_chunks: int = 1,
+    debug_attend_layer: int | None = None,
 ) -> Callable[..., tuple[Tensor, None]]:
     """Build the attention function registered for one model.
 
@@ -192,6 +193,10 @@ def make_ulysses_attention(
     exchanges run while another group's attention computes, forward and backward
     (:func:`_overlapped_attention`). Attention is independent per head, so the result is the
     same computation in another order.
+
+    ``debug_attend_layer`` (debug only, see ``apply_ulysses(debug_skip_attention=True)``): every
+    attention module whose ``layer_idx`` differs skips the backend (:func:`_debug_skipped_attention`);
+    the exchanges still run.
     """
     layout.check_overlap(overlap_chunks)
 
@@ -234,6 +239,8 @@ def make_ulysses_attention(
             # Backends that read positions (flash's packed-sequence detection) must see global ones.
             kwargs["position_ids"] = ctx.metadata.position_ids
             attend = _backend_call(backend, module, mask, kwargs)
+        if debug_attend_layer is not None and getattr(module, "layer_idx", debug_attend_layer) != debug_attend_layer:
+            attend = _debug_skipped_attention
         if overlap_chunks > 1:
             return _overlapped_attention(attend, query, key, value, layout, overlap_chunks, ctx.group), None
         q, k, v = heads_from_sequence([query, key, value], ctx.group)
@@ -256,6 +263,17 @@ def _backend_call(backend: str, module: nn.Module, mask: Any, kwargs: dict[str, 
         return out
 
     return attend
+
+
+def _debug_skipped_attention(q: Tensor, k: Tensor, v: Tensor, kv_groups: int) -> Tensor:
+    """Debug stand-in for the backend: the values of each query head's KV head, ``[b, s, heads, d_v]``.
+
+    Shaped like attention's output and connected to q, k and v (a zero-weighted term), so every
+    projection still gets a gradient (DDP would otherwise find unused parameters); the O(s^2) work
+    and its temporaries are skipped. Never a result to train on.
+    """
+    out = v.repeat_interleave(kv_groups, dim=1) + (q.sum() + k.sum()) * 0
+    return out.transpose(1, 2)
 
 
 def _overlapped_attention(

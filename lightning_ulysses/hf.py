@@ -31,6 +31,7 @@ from torch.distributed import ProcessGroup
 from .attention import HeadLayout, check_backend, make_ulysses_attention
 from .comm import gather_sequence
 from .context import CONTEXT_KWARG, ForwardContext
+from .debug import debug_attend_layer
 from .loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from .masks import SequenceMetadata
 from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
@@ -59,10 +60,11 @@ class UlyssesHandle:
         eval_mode: ``"sp"`` (eval runs sharded, like training) or ``"bypass"`` (in ``model.eval()``
             the model runs unpatched on whatever full sequence it is given, e.g. for generation).
         overlap_chunks: head groups per rank whose exchanges overlap attention compute (1: none).
+        debug_skip_attention: the debug mode of :func:`apply_ulysses` is on (results are wrong).
     """
 
     def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp",
-                 overlap_chunks: int = 1) -> None:
+                 overlap_chunks: int = 1, debug_skip_attention: bool = False) -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
         config = getattr(model, "config", None)
@@ -89,8 +91,11 @@ class UlyssesHandle:
             )
         self.backend = check_backend(config._attn_implementation)
         # Built (and its overlap_chunks validated) before anything of the model is touched.
-        attention = make_ulysses_attention(self.backend, self.layout, self._context_from, overlap_chunks)
+        attend_layer = debug_attend_layer(model) if debug_skip_attention else None
+        attention = make_ulysses_attention(self.backend, self.layout, self._context_from, overlap_chunks,
+                                           debug_attend_layer=attend_layer)
         self.overlap_chunks = overlap_chunks
+        self.debug_skip_attention = debug_skip_attention
         self.name = f"ulysses_{next(_ids)}"
         self._bypass_depth = 0
         self._current: ForwardContext | None = None
@@ -272,7 +277,8 @@ def find_hf_models(module: nn.Module) -> list[nn.Module]:
 
 
 def apply_ulysses(
-    model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1
+    model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1,
+    debug_skip_attention: bool = False,
 ) -> UlyssesHandle:
     """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
 
@@ -300,9 +306,15 @@ def apply_ulysses(
             where the exchange is a visible share of the step and the backend runs collectives
             beside compute (NCCL streams). Must divide ``num_attention_heads / sp`` so that groups
             share whole KV heads; the error lists the valid values.
+        debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
+            its attention computation (the exchanges still run, and a stand-in of the right shape
+            keeps every projection in the graph), so that the memory limit of a configuration — the
+            longest sequence that fits — is found in a fraction of the time; the last layer still
+            computes attention, so its transient peak counts. Warns when applied.
 
     Raises:
         ValueError: heads not divisible by ``sp``, unsupported attention backend, and the like,
             with the numbers and the fix.
     """
-    return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks)
+    return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks,
+                         debug_skip_attention=debug_skip_attention)

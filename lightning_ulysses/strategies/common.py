@@ -53,7 +53,9 @@ class UlyssesMixin:
     """
 
     def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool,
-                      overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True) -> None:
+                      overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True,
+                      debug_skip_attention: bool = False) -> None:
+        self._debug_skip_attention = debug_skip_attention  # apply_ulysses warns when it is on
         if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
             raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
         if eval_mode not in ("sp", "bypass"):
@@ -225,7 +227,9 @@ class UlyssesMixin:
                 "sharded sequences would be attended locally."
             )
         handles = [
-            apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks) for m in models
+            apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks,
+                          debug_skip_attention=self._debug_skip_attention)
+            for m in models
         ]
         if self._unregister_group is None:
             self._unregister_group = register_group_source(self._active_sp_group)

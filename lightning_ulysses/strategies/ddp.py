@@ -43,6 +43,9 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         process_group_backend: ``"nccl"``/``"gloo"``; default by device.
         timeout: timeout of every process group (so a deadlock fails instead of hanging).
         start_method: ``"popen"`` (script launcher), ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+        debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
+            its attention computation (see :func:`~lightning_ulysses.apply_ulysses`), to find the memory
+            limit of a configuration quickly. Off by default; warns loudly when on.
 
     The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
     ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``. ``predict`` bypasses SP
@@ -65,6 +68,7 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        debug_skip_attention: bool = False,
     ) -> None:
         super().__init__(
             process_group_backend=process_group_backend,
@@ -74,7 +78,8 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             static_graph=static_graph,
             gradient_as_bucket_view=gradient_as_bucket_view,
         )
-        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss)
+        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
+                           debug_skip_attention=debug_skip_attention)
 
     @override
     def _configure_launcher(self) -> None:

@@ -137,6 +137,9 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         process_group_backend: ``"nccl"``/``"gloo"``; default by device.
         timeout: timeout of every process group, the mesh's SP and DP groups included (so a
             deadlock fails instead of hanging).
+        debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
+            its attention computation (see :func:`~lightning_ulysses.apply_ulysses`), to find the memory
+            limit of a configuration quickly. Off by default; warns loudly when on.
     """
 
     strategy_name = "ulysses_fsdp"
@@ -159,6 +162,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        debug_skip_attention: bool = False,
     ) -> None:
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -169,7 +173,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         self._offload_activations = offload_activations
         self._offload_params = offload_params
         self._ac_handles: list[CheckpointHandle] = []
-        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss)
+        self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
+                           debug_skip_attention=debug_skip_attention)
 
     @override
     def _configure_launcher(self) -> None:
