@@ -27,9 +27,9 @@ this is ``4·(s/sp)·H·d`` (docs/communication.md). ``measured / minimum = 1.00
 the destination does not need (no padding, no duplicated traffic, no extra exchanges).
 
 Hybrid models (``--hybrid``, on by default): a Qwen3-Next-shaped model (gated delta-net), a
-Bamba-shaped one (Mamba2) and a Jamba-shaped one (Mamba1), each with one mixer layer and one attention layer; forward exchanges
-inside a ``ulysses/mixer`` range are the mixer's, the others the attention's. Their minimum
-(buffer convention, per layer and direction)::
+Bamba-shaped one (Mamba2) and a Jamba-shaped one (Mamba1), each with one mixer layer and one
+attention layer; forward exchanges inside a ``ulysses/mixer`` range are the mixer's, the others the
+attention's. Their minimum (buffer convention, per layer and direction)::
 
     gated delta-net = (s/sp)·(2·Hk_eff·dk + Hv·dv + 2·Hv)   (q, k, v, beta and decay inputs: heads → ranks)
                     + (s/sp)·Hv·dv                          (output: back to sequence shards)

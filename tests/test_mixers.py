@@ -1,4 +1,4 @@
-"""Hybrid models under SP: gated delta-net and Mamba2 mixers are exact against the non-SP model.
+"""Hybrid models under SP: gated delta-net, Mamba2 and Mamba1 mixers are exact against the non-SP model.
 
 Every parity case runs sp=2 and sp=4 in one world-4 fork and compares, in float32, real-token logits,
 the loss and the gradients summed over the SP group / sp (relative 1e-5, gradient ratio 1) with:
@@ -6,8 +6,8 @@ the loss and the gradients summed over the SP group / sp (relative 1e-5, gradien
 * padded rows: the non-SP model given the same 2D ``attention_mask`` (HF zeroes padded tokens
   entering the mixer); no target is predicted from a padding position;
 * packed rows (also with padding): every document run alone through the non-SP model (state and
-  convolution start from zero at each document), loss = sum over documents / all targets. HF's own non-SP forward does not
-  reset a mixer at a document start, so it is not the reference here.
+  convolution start from zero at each document), loss = sum over documents / all targets. HF's own
+  non-SP forward does not reset a mixer at a document start, so it is not the reference here.
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ def _parity(rank, world, family, kind):
     return losses
 
 
-FAMILIES = ["qwen3_next", "qwen3_5", "bamba", "falcon_h1", "falcon_h1_nonorm", "nemotron_h", "zamba2", "granitemoehybrid",
-            "jamba"]
+FAMILIES = ["qwen3_next", "qwen3_5", "bamba", "falcon_h1", "falcon_h1_nonorm", "nemotron_h", "zamba2",
+            "granitemoehybrid", "jamba"]
 
 
 @pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
@@ -294,7 +294,8 @@ def test_layouts_sp_cannot_split_raise_naming_valid_sp():
         return
     gdn = T.Qwen3NextForCausalLM(T.Qwen3NextConfig(
         **_COMMON, num_hidden_layers=1, layer_types=["linear_attention"], head_dim=8, linear_num_value_heads=6,
-        linear_num_key_heads=3, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=0)).model.layers[0].linear_attn
+        linear_num_key_heads=3, linear_key_head_dim=8, linear_value_head_dim=8,
+        num_experts=0)).model.layers[0].linear_attn
     mamba = T.NemotronHForCausalLM(T.NemotronHConfig(
         **_COMMON, layers_block_type=["mamba"], head_dim=8, ssm_state_size=8, mamba_num_heads=6, mamba_head_dim=8,
         n_groups=2, chunk_size=8)).model.layers[0].mixer

@@ -3,7 +3,8 @@ Mamba2 and every model using the same mixer.
 
 Per layer and rank (``H`` heads of width ``P`` sharing ``G`` groups of ``B``/``C`` of size ``N``)::
 
-    hidden [b, s/sp, D] ──(padding zeroed, in_proj: per token)──▶ gate [b, s/sp, H·P] | x [.., H·P] | B, C [.., G·N] | dt [.., H]
+    hidden [b, s/sp, D] ──(padding zeroed, in_proj: per token)──▶ gate [b, s/sp, H·P]
+                                                                 x [.., H·P] | B, C [.., G·N] | dt [.., H]
     all-to-all (x, B, C, dt in one): heads → ranks, sequence gathered
         ▶ x [b, H/sp·P, s]  B, C [b, G'/sp·N, s]  dt [b, H/sp, s]
     causal conv1d (this rank's channels), padding zeroed, chunked SSD scan on the FULL sequence, per document
