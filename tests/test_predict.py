@@ -22,7 +22,7 @@ class Scorer(LM):
 
     def predict_step(self, batch, batch_idx):
         self.local_lengths.add(batch["input_ids"].shape[1])
-        logits = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
+        logits = self.model(**{k: v for k, v in batch.items() if not k.endswith("labels")}).logits
         return sp_gather_tokens(token_logprobs(logits, sp_shift_labels(batch)))  # [1, SEQ]: not [1, SEQ, vocab]
 
 
