@@ -101,7 +101,8 @@ def _bucket(length: Tensor) -> Tensor:
 class _Group:
     """One backend call. ``kind``: ``"solo"`` (one piece, input is a view), ``"causal"`` (pieces
     gathered by ``q_idx`` ``[n, L]``, causal) or ``"band"`` (query blocks ``q_idx`` ``[n, B]``
-    against key bands ``k_idx`` ``[n, K]`` under ``mask`` ``[n, 1, B, K]``)."""
+    against key bands ``k_idx`` ``[n, K]`` under ``mask`` ``[n, 1, B, K]``, or ``[1, 1, B, K]``
+    shared by blocks with the plain band pattern)."""
 
     kind: str
     length: int
@@ -283,12 +284,13 @@ def _build_plan(meta: "SequenceMetadata", window: int | None) -> SegmentPlan:
         solo = contiguous & (lengths >= SOLO_MIN_LEN)
         padded = _bucket(lengths)
         # Solo pieces first (each its own group), then one group per bucket length.
-        for p in torch.nonzero(solo).flatten().tolist():
-            lo, n = int(starts[p]), int(lengths[p])
-            sel = toks[lo : lo + n]
-            group_of[sel] = len(groups)
-            offset[sel] = torch.arange(n, device=device)
-            groups.append(_Group("solo", n))
+        solo_ids = torch.nonzero(solo).flatten()
+        solo_rank = torch.full((lengths.numel(),), -1, device=device)
+        solo_rank[solo_ids] = torch.arange(solo_ids.numel(), device=device)
+        tok_solo = solo[piece_of]
+        group_of[toks[tok_solo]] = len(groups) + solo_rank[piece_of[tok_solo]]
+        offset[toks[tok_solo]] = rank[tok_solo]
+        groups += [_Group("solo", n) for n in lengths[solo_ids].tolist()]
         batched = ~solo
         for lb in torch.unique(padded[batched]).tolist():
             members = torch.nonzero(batched & (padded == lb)).flatten()
@@ -320,17 +322,35 @@ def _build_plan(meta: "SequenceMetadata", window: int | None) -> SegmentPlan:
         b_lo, b_hi = lo[band_of_block, None], hi[band_of_block, None]
         q_pos = q0[:, None] + torch.arange(block, device=device)
         k_pos = q0[:, None] - window + 1 + torch.arange(kv_len, device=device)
-        k_in = (k_pos >= b_lo) & (k_pos <= b_hi)
         q_idx, k_idx = torch.minimum(q_pos, b_hi), k_pos.clamp(min=b_lo, max=b_hi)
-        r = (q0 // s)[:, None, None]
-        allowed = meta.mask_mod(window, True)(r, None, (q_idx - r[:, :, 0] * s)[:, :, None],
-                                              (k_idx - r[:, :, 0] * s)[:, None, :])
-        mask = (allowed & k_in[:, None, :])[:, None]  # [n, 1, block, kv_len]
+        # A block whose band lies inside its stretch and holds no padding sees the plain band
+        # pattern: one [1, 1, block, kv_len] mask serves all such blocks (no [n, block, kv_len]
+        # mask, nor sdpa's float copy of it). The others get their own masks.
+        padding_before = torch.nn.functional.pad((~valid).long().cumsum(0), (1, 0))  # [n_tok + 1]
+        k_first, q_last = k_pos[:, 0], q_pos[:, -1]
+        inside = (k_first >= b_lo[:, 0]) & (q_last <= b_hi[:, 0])
+        plain = inside & (padding_before[q_last.clamp(max=n_tok - 1) + 1] == padding_before[k_first.clamp(min=0)])
+        rule = meta.mask_mod(window, True)
+        block_group = torch.empty_like(q0)
+        index_in_group = torch.empty_like(q0)
+        for is_plain in (True, False):
+            members = torch.nonzero(plain == is_plain).flatten()
+            if not members.numel():
+                continue
+            block_group[members] = len(groups)
+            index_in_group[members] = torch.arange(members.numel(), device=device)
+            shown = members[:1] if is_plain else members  # the plain pattern, from the rule itself
+            r = (q0[shown] // s)[:, None, None]
+            allowed = rule(r, None, (q_idx[shown] - r[:, :, 0] * s)[:, :, None], (k_idx[shown] - r[:, :, 0] * s)[:, None, :])
+            k_in = (k_pos[shown] >= b_lo[shown]) & (k_pos[shown] <= b_hi[shown])
+            mask = (allowed & k_in[:, None, :])[:, None]  # [n or 1, 1, block, kv_len]
+            groups.append(_Group("band", block, q_idx=q_idx[members], k_idx=k_idx[members], mask=mask))
         sel = t[in_band]
         band_id = torch.searchsorted(bands, span[sel])
-        group_of[sel] = len(groups)
-        offset[sel] = block_base[band_id] * block + (sel - lo[band_id])
-        groups.append(_Group("band", block, q_idx=q_idx, k_idx=k_idx, mask=mask))
+        rel = sel - lo[band_id]
+        blk = block_base[band_id] + rel // block
+        group_of[sel] = block_group[blk]
+        offset[sel] = index_in_group[blk] * block + rel % block
 
     # -- runs: consecutive tokens read from consecutive rows of one group's output -----------------
     brk = torch.ones_like(valid)

@@ -116,8 +116,12 @@ def test_plan_batches_equal_lengths_and_bands():
     # Documents that are consecutive rows of one group's output are read back as one run.
     assert plan.path == "segments" and plan.run_lengths == [32, 20, 52]
     windowed = plan_segments(meta, "sdpa", 3, True)
-    assert [g.kind for g in windowed.groups] == ["band"] and windowed.path == "segments+bands"
-    assert windowed.groups[0].mask.shape[-2:] == (1, 3)  # [block, block + window - 1]
+    # Blocks whose band holds one document's real tokens only share one mask; the blocks at document
+    # starts have their own: [block, block + window - 1] = [1, 3] here.
+    assert [g.kind for g in windowed.groups] == ["band", "band"] and windowed.path == "segments+bands"
+    shared, edges = windowed.groups
+    assert shared.mask.shape == (1, 1, 1, 3) and shared.q_idx.shape[0] == 52 * 2 - 2 * 25
+    assert edges.mask.shape == (2 * 25, 1, 1, 3)
     plain = SequenceMetadata.from_gathered(torch.arange(16).expand(2, 16), None)
     assert plan_segments(plain, "sdpa", None, True) is None  # sdpa's own is_causal, no mask
     assert attention_paths(plain)[("sdpa", None, True)] == "causal"
