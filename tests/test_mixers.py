@@ -363,7 +363,7 @@ def test_activation_checkpointing(family):
 
 
 
-def test_model_valid_sp_and_stale_context():
+def test_model_valid_sp_and_calls_outside_an_sp_forward():
     from lightning_ulysses.context import ForwardContext
     from lightning_ulysses.masks import SequenceMetadata
     from lightning_ulysses.mixers import mixers_valid_sp
@@ -373,14 +373,21 @@ def test_model_valid_sp_and_stale_context():
     assert mixers_valid_sp(hybrid_model("bamba")) == [1, 2, 4, 8]
     assert mixers_valid_sp(hybrid_model("qwen3_next")) == [1, 2, 4]
     assert mixers_valid_sp(torch.nn.Linear(2, 2)) is None
-    # A context left from an earlier forward (chunks of 6 tokens) must not drive a 24-token call.
+    # A context left from an earlier forward (chunks of 6 tokens) must not drive a 24-token call, and
+    # a handle that raises (no forward running) means a plain call: the module's own forward runs.
     model = hybrid_model("bamba")
     mixer = model.model.layers[0].mamba
+    hidden = torch.randn(2, SEQ, 32)
+    own = mixer(hidden)
     stale = ForwardContext(None, 0, 4, 6, SequenceMetadata(position_ids=torch.zeros(2, SEQ, dtype=torch.long)), 0)
-    undo = sp_mixer_for(mixer).apply(mixer, lambda: stale)
-    with pytest.raises(RuntimeError, match=r"\[2, 24\] but the SP forward holds chunks of \[2, 6\]"):
-        mixer(torch.randn(2, SEQ, 32))
-    undo()
+
+    def raising():
+        raise RuntimeError("no Ulysses forward is running")
+
+    for get_context in (lambda: stale, raising, lambda: None):
+        undo = sp_mixer_for(mixer).apply(mixer, get_context)
+        assert torch.equal(mixer(hidden), own)
+        undo()
     assert "forward" not in vars(mixer)
 
 

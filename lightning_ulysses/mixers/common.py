@@ -253,24 +253,24 @@ def kernel(module: nn.Module, name: str) -> Callable[..., Any]:
 
 def context_or_none(kwargs: dict[str, Any], get_context: Callable[[], ForwardContext | None],
                     hidden_states: Tensor) -> ForwardContext | None:
-    """The forward's context: the one the model passed down through ``**kwargs`` (also seen by
-    activation-checkpoint recomputation), else the handle's current one; ``None`` outside an SP
-    forward (bypass), when the module's own forward runs.
+    """The forward's context, or ``None`` when this call is not part of an SP forward (then the
+    module's own forward runs: ``handle.bypass()``, ``eval_mode="bypass"``).
 
-    Raises:
-        RuntimeError: when the handle's context does not describe ``hidden_states`` (a context
-            left over from an earlier forward would make this rank exchange a wrong chunk).
+    The context the model passed down through ``**kwargs`` comes first (every supported model
+    passes its kwargs to the mixer; activation-checkpoint recomputation sees the same object). Else
+    the handle's current context, if it describes this call: an SP forward always hands a mixer
+    this rank's ``[batch, seq/sp]`` chunk, so a context of other dimensions is one left from an
+    earlier forward, and a handle that raises has no forward running.
     """
     ctx = kwargs.pop(CONTEXT_KWARG, None)
     if ctx is not None:
         return ctx
-    ctx = get_context()
+    try:
+        ctx = get_context()
+    except RuntimeError:  # the handle says no Ulysses forward is running
+        return None
     if ctx is not None and tuple(hidden_states.shape[:2]) != (ctx.metadata.batch_size, ctx.local_len):
-        raise RuntimeError(
-            f"a Ulysses mixer got hidden states of [batch, seq] = {list(hidden_states.shape[:2])} but the SP forward "
-            f"holds chunks of [{ctx.metadata.batch_size}, {ctx.local_len}]; was the model called outside its "
-            "Ulysses forward without handle.bypass()?"
-        )
+        return None
     return ctx
 
 
