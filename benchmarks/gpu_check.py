@@ -47,6 +47,7 @@ import os
 import pickle
 import platform
 import queue as queue_mod
+import signal
 import socket
 import sys
 import time
@@ -224,8 +225,10 @@ def launch(fn: Callable, world: int, *args: Any, backend: str | None = "gloo", t
     out_q = ctx.Queue()
     port = _free_port()
     pg_timeout = max(10.0, timeout - 15.0)
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_q, backend, pg_timeout, threads),
-                         daemon=True) for r in range(world)]
+    # not daemonic: a daemon may not start processes, and compilers (inductor's worker pools in older torch)
+    # do; the ``finally`` below kills the ranks instead, also when the parent is terminated (see main)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_q, backend, pg_timeout, threads))
+             for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -819,9 +822,9 @@ def section_env(run: Run) -> list[str]:
     return out
 
 
-def section_parity(run: Run, attns: tuple[str, ...]) -> list[list[Any]]:
-    """Rows of the parity table for the given attention backends (one 4-rank case per dtype and mask)."""
-    rows = []
+def section_parity(run: Run, attns: tuple[str, ...], rows: list[list[Any]]) -> None:
+    """Append to ``rows`` (as they finish, for a run cut short) the parity rows of the given attention
+    backends: one 4-rank case per dtype and mask."""
     flex_na = run.results.get("flex_train")
     for attn in attns:
         # flex compiles its kernels for every model and mask, which takes most of its time: sp 2 only
@@ -858,7 +861,6 @@ def section_parity(run: Run, attns: tuple[str, ...]) -> list[list[Any]]:
                                  f"{nonsp['loss']:.0e} / {nonsp['logits']:.0e} / {nonsp['grad']:.0e}", status])
                     run.results.setdefault("parity", []).append({"case": name, "sp": sp, "status": status,
                                                                  "sp_errors": worst, "nonsp_errors": nonsp})
-    return rows
 
 
 def section_offload(run: Run) -> list[list[Any]]:
@@ -1030,6 +1032,16 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check needs the fork start method (Linux).", file=sys.stderr)
         return 2
     preload()
+    # an outer `timeout` sends SIGTERM: unwind through launch()'s cleanup so no rank outlives the run
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The body of :func:`main` once the arguments are known."""
     run = Run(args)
     out = section_env(run)
     env = run.results["env"]
@@ -1042,15 +1054,32 @@ def main(argv: list[str] | None = None) -> int:
         print("\nA required package does not import with these versions; see the versions line.")
         return 2
 
-    # Run in order of importance, so a short budget loses the least; print in reading order.
-    parity = section_parity(run, ("sdpa",)) if "parity" in args.sections else []
-    tiled = section_tiled(run) if "tiled" in args.sections else []
-    headline = section_headline(run) if "headline" in args.sections else []
-    offload = section_offload(run) if "offload" in args.sections else []
-    if "flex" in args.sections:
-        parity += section_parity(run, ("flex_attention",))
+    # Run in order of importance, so a short budget loses the least; print in reading order, also what
+    # was finished when an outer timeout stops the run.
+    parity: list[list[Any]] = []
+    tiled: list[list[Any]] = []
+    headline: list[str] = []
+    offload: list[list[Any]] = []
+    try:
+        if "parity" in args.sections:
+            section_parity(run, ("sdpa",), parity)
+        if "tiled" in args.sections:
+            tiled = section_tiled(run)
+        if "headline" in args.sections:
+            headline = section_headline(run)
+        if "offload" in args.sections:
+            offload = section_offload(run)
+        if "flex" in args.sections:
+            section_parity(run, ("flex_attention",), parity)
+    finally:
+        report(run, out, parity, offload, tiled, headline)
+    return 0
 
-    s = run.s
+
+def report(run: Run, out: list[str], parity: list[list[Any]], offload: list[list[Any]], tiled: list[list[Any]],
+           headline: list[str]) -> None:
+    """Print the tables in reading order and write the JSON."""
+    args, s = run.args, run.s
     if parity:
         out += ["", f"## 1. SP parity on {run.device}: 4 ranks on one device, gloo with {run.device} tensors",
                 "",
@@ -1082,7 +1111,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(out), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(run.results, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":
