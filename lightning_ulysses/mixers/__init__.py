@@ -20,6 +20,18 @@ Each mixer scatters heads and gathers the sequence after its per-token input pro
 all-to-all, :mod:`lightning_ulysses.comm`), runs its causal convolution and scan on the full
 sequence for this rank's heads with the module's own kernels, and exchanges back before its
 per-token output norm and projection.
+
+What a mixer needs from the handle that applies it:
+
+* the model is called without its 2D ``attention_mask`` (the handle removes it), so HF's
+  ``create_recurrent_attention_mask`` yields ``None``: padding comes from the gathered
+  ``ctx.metadata.valid`` and documents from ``ctx.metadata.doc_ids`` instead — the model's use of
+  that mask builder is therefore not a reason to refuse it;
+* no cache (``use_cache=False``; a cache reaching a mixer is refused);
+* the context through the model's ``**kwargs`` (``CONTEXT_KWARG``), or ``get_context()``, which
+  should return ``None`` (or raise ``RuntimeError``) when no SP forward is running, e.g. in
+  ``bypass()``;
+* a model's valid ``sp`` is its attention's and :func:`mixers_valid_sp`'s intersection.
 """
 
 from __future__ import annotations
