@@ -328,8 +328,8 @@ def main() -> None:
               f"{args.max_local_seq} tokens per rank (CPU compute is slow: '>= cap' rows are lower bounds). "
               "KiB/token and 'linear est.' come from the line peak = a + b*seq through the two longest lengths "
               "measured for that row (memory is linear in seq here: the CPU sdpa kernel keeps no s^2 buffer and "
-              "the tiles have a fixed size), extrapolated to the budget. '(debug attn)' rows were searched with attention "
-              f"skipped in all but the last layer, capped at {args.debug_max_local_seq} tokens per rank. "
+              "the tiles have a fixed size), extrapolated to the budget. '(debug attn)' rows were searched with "
+              f"attention skipped in all but the last layer, capped at {args.debug_max_local_seq} tokens per rank. "
               "Ratios vs plain sp=1 (= one rank of plain DDP):")
         print()
         print(_common.table(["config", "sp", "max seq (measured)", "bracket [fits, fails)", "ratio vs plain DDP",

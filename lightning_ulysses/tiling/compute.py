@@ -210,7 +210,8 @@ class SequenceTiledCompute(torch.autograd.Function):
                     weight = params[spec.tail_weight].detach()
                     tile_grad, offset = _tile_grad(ctx, grad_output, i, offset, (*h.shape[:-1], weight.shape[0]))
                     flat_grad = tile_grad.reshape(-1, tile_grad.shape[-1])
-                    tail_grads = {spec.tail_weight: flat_grad.t() @ h.detach().reshape(-1, h.shape[-1]).to(flat_grad.dtype)}
+                    h_flat = h.detach().reshape(-1, h.shape[-1]).to(flat_grad.dtype)
+                    tail_grads = {spec.tail_weight: flat_grad.t() @ h_flat}
                     if spec.tail_bias is not None:
                         tail_grads[spec.tail_bias] = flat_grad.sum(0)
                     out, tile_grad = h, torch.matmul(tile_grad, weight.to(tile_grad.dtype)).to(h.dtype)
