@@ -137,13 +137,16 @@ class _LocalHeadsView:
     Backends read ``module.num_key_value_groups`` to repeat KV heads; after head sharding with KV
     replication that count is the local one, and ``module.config`` must name the backend. A view
     avoids mutating the user's module at all (so nothing can be left changed after ``remove()``);
-    every other attribute is the module's own.
+    per-head parameters (attention sinks) are this rank's slice; every other attribute is the
+    module's own.
     """
 
-    def __init__(self, module: nn.Module, num_key_value_groups: int, backend: str) -> None:
+    def __init__(self, module: nn.Module, num_key_value_groups: int, backend: str,
+                 local: dict[str, Tensor] | None = None) -> None:
         self.__dict__["_module"] = module
         self.__dict__["num_key_value_groups"] = num_key_value_groups
         self.__dict__["config"] = _BackendConfigView(module.config, backend)
+        self.__dict__.update(local or {})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_module"], name)
@@ -180,6 +183,8 @@ def check_backend(backend: str | None) -> str:
 def make_ulysses_attention(
     backend: str, layout: HeadLayout, get_context: Callable[[dict], "ForwardContext"], overlap_chunks: int = 1,
     debug_attend_layer: int | None = None,
+    per_head: dict[int, dict[str, int]] | None = None,
+    windows: dict[int, int] | None = None,
 ) -> Callable[..., tuple[Tensor, None]]:
     """Build the attention function registered for one model.
 
@@ -194,11 +199,20 @@ def make_ulysses_attention(
     (:func:`_overlapped_attention`). Attention is independent per head, so the result is the
     same computation in another order.
 
+    ``per_head`` maps an attention module (by ``id``) to its own parameters indexed by query head
+    (name → head dimension), e.g. attention sinks: the backend sees them sliced to this rank's heads.
+    ``windows`` maps an attention module (by ``id``) to the sliding window the model puts only in
+    its mask, not in the backend call. A module whose query / KV head counts differ from the config's (multi-query variants, mixtures
+    of attention heads) gets its own layout, validated against ``sp`` at its first call.
+
     ``debug_attend_layer`` (debug only, see ``apply_ulysses(debug_skip_attention=True)``): every
     attention module whose ``layer_idx`` differs skips the backend (:func:`_debug_skipped_attention`);
     the exchanges still run.
     """
     layout.check_overlap(overlap_chunks)
+    per_head = per_head or {}
+    windows = windows or {}
+    layouts = {(layout.num_heads, layout.num_kv_heads): layout}
 
     def ulysses_attention(
         module: nn.Module,
@@ -216,48 +230,73 @@ def make_ulysses_attention(
                 "a prepared 4D attention_mask cannot be used under Ulysses SP; pass the 2D padding mask "
                 "[batch, seq] (and position_ids for packed documents) instead."
             )
-        if query.shape[1] != layout.num_heads or key.shape[1] != layout.num_kv_heads:
+        heads = (query.shape[1], key.shape[1])
+        if heads not in layouts:
+            layouts[heads] = HeadLayout.validate(*heads, layout.sp)
+        lay = layouts[heads]
+        if overlap_chunks > 1 and (lay is not layout or query.shape[-1] != value.shape[-1] or id(module) in per_head):
             raise ValueError(
-                f"attention got {query.shape[1]} query / {key.shape[1]} KV heads but the model config "
-                f"declares {layout.num_heads} / {layout.num_kv_heads}; Ulysses cannot shard this module."
+                f"overlap_chunks > 1 needs every attention module to have the config's head layout, equal Q/K and V "
+                f"head sizes and no per-head parameters; {type(module).__name__} does not. Use overlap_chunks=1."
             )
         ctx.attention_calls += 1
-        if layout.kv_repeat > 1:
-            key = key.repeat_interleave(layout.kv_repeat, dim=1)
-            value = value.repeat_interleave(layout.kv_repeat, dim=1)
+        local = _local_head_parameters(module, per_head.get(id(module)), ctx.sp_rank * lay.local_heads,
+                                       lay.local_heads, kwargs)
+        if lay.kv_repeat > 1:
+            key = key.repeat_interleave(lay.kv_repeat, dim=1)
+            value = value.repeat_interleave(lay.kv_repeat, dim=1)
 
+        if id(module) in windows and kwargs.get("sliding_window") is None:
+            kwargs["sliding_window"] = windows[id(module)]
         sliding_window = kwargs.get("sliding_window")
         causal = bool(kwargs.pop("is_causal", getattr(module, "is_causal", True)))
         # sdpa/eager: documents, padding and window bands as separate calls, no [s, s] mask
         # (segments.py); every other pattern/backend takes the mask of masks.py.
         plan = plan_segments(ctx.metadata, backend, sliding_window, causal)
         if plan is not None:
-            attend = plan.bind(lambda m, extra: _backend_call(backend, module, m, {**kwargs, **extra}), backend)
+            attend = plan.bind(lambda m, extra: _backend_call(backend, module, m, {**kwargs, **extra}, local), backend)
         else:
             mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, query.dtype)
             kwargs.update(extra)
             # Backends that read positions (flash's packed-sequence detection) must see global ones.
             kwargs["position_ids"] = ctx.metadata.position_ids
-            attend = _backend_call(backend, module, mask, kwargs)
+            attend = _backend_call(backend, module, mask, kwargs, local)
         if debug_attend_layer is not None and getattr(module, "layer_idx", debug_attend_layer) != debug_attend_layer:
             attend = _debug_skipped_attention
         if overlap_chunks > 1:
             return _overlapped_attention(attend, query, key, value, layout, overlap_chunks, ctx.group), None
         q, k, v = heads_from_sequence([query, key, value], ctx.group)
-        out = attend(q, k, v, layout.local_kv_groups)
+        out = attend(q, k, v, lay.local_kv_groups)
         # out: [batch, seq, Hq/sp, head_dim] -> [batch, seq/sp, Hq, head_dim]
         return sequence_from_heads(out, ctx.group), None
 
     return ulysses_attention
 
 
-def _backend_call(backend: str, module: nn.Module, mask: Any, kwargs: dict[str, Any]) -> Callable[..., Tensor]:
+def _local_head_parameters(module: nn.Module, dims: dict[str, int] | None, lo: int, n: int,
+                           kwargs: dict[str, Any]) -> dict[str, Tensor]:
+    """The module's per-head parameters cut to heads ``[lo, lo + n)`` (this rank's after the
+    exchange); keyword arguments that pass one of them to the backend (``s_aux=self.sinks``) are
+    replaced by the slice too. Slicing is differentiable: gradients reach the full parameter."""
+    if not dims:
+        return {}
+    local = {name: getattr(module, name).narrow(dim, lo, n) for name, dim in dims.items()}
+    for key, value in list(kwargs.items()):
+        for name in dims:
+            if value is getattr(module, name):
+                kwargs[key] = local[name]
+    return local
+
+
+def _backend_call(backend: str, module: nn.Module, mask: Any, kwargs: dict[str, Any],
+                  local: dict[str, Tensor] | None = None) -> Callable[..., Tensor]:
     """``attend(q, k, v, kv_groups) -> out``: the backend on head-sharded full-sequence tensors
-    ``[batch, heads, seq, head_dim]`` → ``[batch, seq, heads, head_dim]``."""
+    ``[batch, heads, seq, head_dim]`` → ``[batch, seq, heads, head_dim]``; ``local`` holds the
+    module's per-head parameters already cut to these heads."""
     fn = backend_function(backend, module)
 
     def attend(q: Tensor, k: Tensor, v: Tensor, kv_groups: int) -> Tensor:
-        view = _LocalHeadsView(module, kv_groups, backend)
+        view = _LocalHeadsView(module, kv_groups, backend, local)
         with torch.profiler.record_function(f"ulysses/attention/{backend}"):
             out, _ = fn(view, q, k, v, mask, **kwargs)
         return out

@@ -100,10 +100,31 @@ def heads_from_sequence(tensors: Sequence[Tensor], group: ProcessGroup) -> list[
         ``batch == 1`` no copy is made after the exchange; backends take strided inputs.
     """
     sp = dist.get_world_size(group)
+    if len({x.shape[-1] for x in tensors}) > 1:
+        return _heads_from_sequence_mixed(tensors, group)
     # The one copy on the way out: the contiguous send buffer [sp, b, s/sp, sum(H_i/sp), d].
     send = pack_send([destination_major(x, sp) for x in tensors])
     recv = _all_to_all(send, group)  # [sp (source = sequence chunk), b, s/sp, sum(H_i/sp), d]
     return unpack_received(recv, [x.shape[1] // sp for x in tensors])
+
+
+def _heads_from_sequence_mixed(tensors: Sequence[Tensor], group: ProcessGroup) -> list[Tensor]:
+    """:func:`heads_from_sequence` for tensors whose head sizes differ (MLA: Q/K ``d_qk``, V ``d_v``).
+
+    Each part travels as ``[sp, b, s/sp, (H_i/sp)*d_i]`` in the same single all-to-all; the receive
+    buffer is cut by element counts instead of heads.
+    """
+    sp = dist.get_world_size(group)
+    parts = [destination_major(x, sp).flatten(3) for x in tensors]  # [sp, b, s/sp, h_i*d_i]
+    recv = _all_to_all(torch.cat(parts, dim=3), group)
+    _, b, s_local, _ = recv.shape
+    outs, offset = [], 0
+    for x, part in zip(tensors, parts):
+        h, d = x.shape[1] // sp, x.shape[-1]
+        y = recv[..., offset : offset + h * d].unflatten(3, (h, d))  # [sp, b, s/sp, h, d]
+        offset += h * d
+        outs.append(y.transpose(0, 1).reshape(b, sp * s_local, h, d).transpose(1, 2))
+    return outs
 
 
 def sequence_from_heads(x: Tensor, group: ProcessGroup) -> Tensor:

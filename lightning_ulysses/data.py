@@ -4,10 +4,12 @@ Every rank of an SP group reads the same full-length sample; :func:`shard_batch`
 on the full sequence and keeps this rank's chunk:
 
 1. ``shift_labels = labels[:, 1:]`` padded with -100 (so no target is lost at a chunk edge);
-2. ``position_ids = arange(seq)`` unless given (global positions);
-3. pad the sequence to a multiple of ``sp`` (labels -100, positions continuing). No padding mask is
-   invented for this padding: it follows every real token, so causal attention never sees it —
-   and leaving the mask out keeps sdpa on its fused causal path and packed rows valid for flash;
+2. ``position_ids`` are kept if given; otherwise the model's handle derives the global ones (as the
+   model itself would: ``arange``, or from the padding mask for models that do so);
+3. pad the sequence to a multiple of ``sp`` (labels -100, positions continuing). Rows without
+   ``position_ids`` get a padding mask for it (bidirectional encoders would otherwise attend to it);
+   packed rows (``position_ids`` given) get none: the padding follows every real token, so causal
+   attention never sees it, and packed rows stay valid for flash;
 4. keep chunk ``sp_rank``.
 
 Targets predicted *from* a padding position (with left padding: the first real token) are
@@ -65,12 +67,13 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[st
         out["shift_labels"] = shift_labels_full(out["labels"], IGNORE_INDEX)
     if out.get("shift_labels") is not None and out.get("attention_mask") is not None:
         out["shift_labels"] = out["shift_labels"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
-    if out.get("position_ids") is None:
-        out["position_ids"] = torch.arange(seq, device=ref.device).expand(b, seq)
-    else:
-        out["position_ids"] = out["position_ids"].expand(b, seq)
     pad = (-seq) % sp_size
-    if pad:
+    if out.get("position_ids") is not None:
+        out["position_ids"] = out["position_ids"].expand(b, seq)
+    if pad and out.get("position_ids") is None and out.get("attention_mask") is None:
+        # Bidirectional models would attend to the appended padding; a mask keeps every model exact.
+        out["attention_mask"] = torch.ones(b, seq, dtype=torch.long, device=ref.device)
+    if pad and out.get("position_ids") is not None:
         last = out["position_ids"][:, -1:]
         extra = last + torch.arange(1, pad + 1, device=ref.device)
         out["position_ids"] = torch.cat([out["position_ids"], extra], dim=1)
@@ -83,7 +86,8 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int) -> dict[st
             continue
         if value.shape[1] == seq:
             value = _pad_seq(value, pad, fill.get(key, 0))
-        out[key] = value[:, lo : lo + chunk]
+        # contiguous: models .view() their labels and ids, and a slice of a [b > 1, seq] row is not
+        out[key] = value[:, lo : lo + chunk].contiguous()
     return out
 
 

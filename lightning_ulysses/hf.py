@@ -30,11 +30,14 @@ from torch.distributed import ProcessGroup
 
 from .attention import HeadLayout, check_backend, make_ulysses_attention
 from .comm import gather_sequence
+from .coverage import ModelPlan, UnsupportedModelError, analyse_model
 from .context import CONTEXT_KWARG, ForwardContext
 from .debug import debug_attend_layer
 from .loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from .masks import SequenceMetadata
-from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
+from .moe import add_to_loss, wants_router_logits, zero_coefficient
+from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
+from .positions import derive_positions
 
 IGNORE_INDEX = -100
 _MISSING = object()
@@ -67,18 +70,15 @@ class UlyssesHandle:
                  overlap_chunks: int = 1, debug_skip_attention: bool = False) -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
-        config = getattr(model, "config", None)
-        if config is None or not hasattr(config, "num_attention_heads"):
-            raise TypeError(f"apply_ulysses expects a transformers PreTrainedModel, got {type(model).__name__}.")
-        if getattr(config, "sub_configs", None):
-            raise NotImplementedError(
-                f"{type(model).__name__} is a composite model; apply Ulysses to its language model submodule."
-            )
         if not dist.is_initialized():
             raise RuntimeError("apply_ulysses needs torch.distributed to be initialised (the SP group's world).")
+        sp_size = dist.get_world_size(group)
+        # Everything that decides whether the model can be exact, before anything is touched.
+        self.plan: ModelPlan = analyse_model(model, sp_size)
+        config = model.config
         self.model = model
         self.group = group
-        self.sp_size = dist.get_world_size(group)
+        self.sp_size = sp_size
         self.sp_rank = dist.get_rank(group)
         self.eval_mode = eval_mode
         num_heads = config.num_attention_heads
@@ -92,8 +92,10 @@ class UlyssesHandle:
         self.backend = check_backend(config._attn_implementation)
         # Built (and its overlap_chunks validated) before anything of the model is touched.
         attend_layer = debug_attend_layer(model) if debug_skip_attention else None
+        per_head = {id(model.get_submodule(name)): dims for name, dims in self.plan.per_head.items()}
+        windows = {id(model.get_submodule(name)): w for name, w in self.plan.windows.items()}
         attention = make_ulysses_attention(self.backend, self.layout, self._context_from, overlap_chunks,
-                                           debug_attend_layer=attend_layer)
+                                           debug_attend_layer=attend_layer, per_head=per_head, windows=windows)
         self.overlap_chunks = overlap_chunks
         self.debug_skip_attention = debug_skip_attention
         self.name = f"ulysses_{next(_ids)}"
@@ -104,6 +106,11 @@ class UlyssesHandle:
         from transformers.modeling_utils import AttentionInterface
 
         AttentionInterface.register(self.name, attention)
+        # transformers shares one config object between models built from it (policy + reference,
+        # teacher + student): this model gets its own copy, so pointing it at the Ulysses attention
+        # changes nothing another model sees.
+        self._undo_config = isolate_config(model)
+        config = model.config
         self._saved_attn = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
         self._set_attn(self.name)
 
@@ -114,6 +121,7 @@ class UlyssesHandle:
         self._saved_loss = model.__dict__.get("_loss_function", _MISSING)
         self._orig_loss = model.loss_function
         model.loss_function = self._loss
+        self._undo_mixers = [impl.apply(module, self._running_context) for _, module, impl in self.plan.mixers]
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -136,6 +144,9 @@ class UlyssesHandle:
             del model._loss_function
         else:
             model._loss_function = self._saved_loss
+        for undo in reversed(self._undo_mixers):
+            undo()
+        self._undo_config()
         AttentionInterface._global_mapping.pop(self.name, None)
         self._current = None
         self._removed = True
@@ -163,23 +174,49 @@ class UlyssesHandle:
             with self.bypass():
                 return next_forward(*args, **kwargs)
         call = bind_call(self._signature, args, kwargs)
-        ctx = self._prepare(call)
+        ctx, targets = self._prepare(call)
         self._current = ctx
-        out = next_forward(**call)
+        plan = self.plan
+        aux = plan.aux_loss if wants_router_logits(self.model, call) else None
+        if aux is None and plan.aux_loss is None and wants_router_logits(self.model, call) and \
+                "aux_loss" in inspect.getsource(type(self.model).forward):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} adds an auxiliary loss that Ulysses cannot make global over the "
+                "sequence; call it with output_router_logits=False."
+            )
+        restore = zero_coefficient(self.model, aux.coef_attr) if aux is not None else None
+        try:
+            out = next_forward(**call)
+        finally:
+            coef = restore() if restore is not None else 0.0
         if ctx.attention_calls == 0:
             raise RuntimeError(
                 f"{type(self.model).__name__} did not call its attention through transformers' AttentionInterface, "
                 "so Ulysses could not shard it; this model is not supported."
             )
-        has_labels = call.get("labels") is not None
-        if has_labels and ctx.loss_calls == 0:
+        if targets is not None:
+            # The model was called without labels (its loss is not computed through
+            # self.loss_function, or it is a masked LM): the exact SP loss from its logits.
+            out["loss"] = sp_mean(causal_lm_loss_sum(out.logits, targets), ctx.num_valid, ctx.group)
+        elif call.get("labels") is not None and ctx.loss_calls == 0:
             raise RuntimeError(
                 f"{type(self.model).__name__} computed its loss without `self.loss_function`; under SP that loss "
-                "would be a local, wrong value. Call the model without labels and use lightning_ulysses.loss."
+                "would be a local, wrong value. Call the model without labels and use lightning_ulysses.objectives."
             )
+        if aux is not None and getattr(out, "router_logits", None) is not None:
+            b = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
+            add_to_loss(out, aux.global_aux_loss(self.model, tuple(out.router_logits), ctx, b), coef)
         return out
 
-    def _prepare(self, call: dict[str, Any]) -> ForwardContext:
+    def _running_context(self) -> ForwardContext:
+        """The context of the forward running now (for non-attention mixers)."""
+        if self._current is None:
+            raise RuntimeError("a Ulysses mixer was called outside a Ulysses forward.")
+        return self._current
+
+    def _prepare(self, call: dict[str, Any]) -> tuple[ForwardContext, Tensor | None]:
+        """Gather the sequence metadata once and prepare the call; returns the context and, when the
+        handle computes the loss itself, this rank's targets ``[b, seq/sp]``."""
         ref = call.get("input_ids")
         if ref is None:
             ref = call.get("inputs_embeds")
@@ -194,6 +231,7 @@ class UlyssesHandle:
             call["use_cache"] = False
         b, s_local = ref.shape[:2]
         device = ref.device
+        plan = self.plan
 
         shapes = gather_sequence(torch.tensor([[b, s_local]], device=device), self.group, dim=0)
         if not bool((shapes == shapes[0]).all()):
@@ -206,34 +244,59 @@ class UlyssesHandle:
         mask = call.pop("attention_mask", None)
         if mask is not None and mask.dim() != 2:
             raise ValueError("under Ulysses SP, attention_mask must be a 2D [batch, seq/sp] padding mask.")
-        positions = call.get("position_ids")
-        if positions is None:
-            # Global positions: local ones (0..s/sp-1 on every rank) silently corrupt RoPE.
-            positions = torch.arange(s_local, device=device) + self.sp_rank * s_local
-        positions = positions.expand(b, s_local)
-        call["position_ids"] = positions
-        shift = call.get("shift_labels")
-        labels = call.get("labels")
-        label_src = shift if shift is not None else labels
-        rows = [positions.long(), (mask if mask is not None else torch.ones_like(positions)).long()]
+        external = plan.objective == "masked" or (plan.objective == "causal" and not plan.loss_in_forward)
+        labels = call.pop("labels", None) if external else call.get("labels")
+        shift = call.pop("shift_labels", None) if external else call.get("shift_labels")
+        if plan.objective is None and (labels is not None or shift is not None):
+            raise ValueError(f"{type(self.model).__name__} has no LM head, so it takes no labels under Ulysses SP.")
+        if plan.objective == "masked":
+            label_src = labels  # a masked LM predicts the token at its own position: nothing shifts
+        else:
+            label_src = shift if shift is not None else labels
+        given = call.get("position_ids")
+        ids = call.get("input_ids")
+        zeros = torch.zeros(b, s_local, dtype=torch.long, device=device)
+        rows = [given.expand(b, s_local).long() if given is not None else zeros,
+                (mask if mask is not None else torch.ones_like(zeros)).long()]
         if label_src is not None:
             rows.append(label_src.long().to(device))
+        if given is None and plan.positions == "from_input_ids" and ids is not None:
+            rows.append(ids.long())
         full = gather_sequence(torch.stack(rows), self.group, dim=2)  # one collective: [rows, b, seq]
+        lo = self.sp_rank * s_local
 
-        metadata = SequenceMetadata.from_gathered(full[0], full[1].bool() if mask is not None else None)
+        if given is not None:
+            positions = full[0]
+        else:
+            # Global positions, derived as the model would on the full sequence: local ones
+            # (0..s/sp-1 on every rank) silently corrupt RoPE and learned positions.
+            positions = derive_positions(plan.positions, b, full.shape[-1], device,
+                                         mask=full[1] if mask is not None else None,
+                                         input_ids=full[-1] if len(rows) > 2 + (label_src is not None) else None,
+                                         padding_idx=plan.padding_idx)
+            call["position_ids"] = positions[:, lo : lo + s_local]
+        metadata = SequenceMetadata.from_gathered(positions, full[1].bool() if mask is not None else None)
+        if given is None:
+            metadata.doc_ids = None  # derived positions never describe packed documents
         num_valid: Tensor | int = 0
+        targets = None
         if label_src is not None:
-            shift_full = full[2] if shift is not None else shift_labels_full(full[2], IGNORE_INDEX)
+            if plan.objective == "masked":
+                target_full = full[2]
+            else:
+                target_full = full[2] if shift is not None else shift_labels_full(full[2], IGNORE_INDEX)
             if mask is not None:
                 # A padding query attends to no real token; what it "predicts" is backend noise.
-                shift_full = shift_full.masked_fill(full[1] == 0, IGNORE_INDEX)
-            num_valid = (shift_full != IGNORE_INDEX).sum()  # a tensor: no host sync on GPUs
-            if shift is None or mask is not None:
-                lo = self.sp_rank * s_local
-                call["shift_labels"] = shift_full[:, lo : lo + s_local]
+                target_full = target_full.masked_fill(full[1] == 0, IGNORE_INDEX)
+            num_valid = (target_full != IGNORE_INDEX).sum()  # a tensor: no host sync on GPUs
+            local = target_full[:, lo : lo + s_local]
+            if external:
+                targets = local
+            elif shift is None or mask is not None:
+                call["shift_labels"] = local
         ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid)
         call[CONTEXT_KWARG] = ctx
-        return ctx
+        return ctx, targets
 
     def _context_from(self, kwargs: dict[str, Any]) -> ForwardContext:
         ctx = kwargs.pop(CONTEXT_KWARG, None) or self._current

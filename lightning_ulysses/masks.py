@@ -92,6 +92,8 @@ class SequenceMetadata:
             ok = (k <= q) if causal else (k >= 0)
             if sliding_window is not None:
                 ok = ok & (k > q - sliding_window)
+                if not causal:  # encoders' local attention is two-sided: |q - k| < window
+                    ok = ok & (k < q + sliding_window)
             if doc is not None:
                 ok = ok & (doc[b, k] == doc[b, q])
             if valid is not None:

@@ -76,3 +76,25 @@ def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[s
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             call.update(call.pop(p.name, {}))
     return call
+
+
+def isolate_config(model: nn.Module) -> Callable[[], None]:
+    """Give ``model`` (and every submodule holding it) a private copy of its config.
+
+    transformers hands one config object to every model built from it, and the attention
+    implementation is read from that object at each forward: patching it for one model would patch
+    all of them. Returns the function that puts the shared object back.
+    """
+    import copy
+
+    original = model.config
+    private = copy.deepcopy(original)
+    holders = [m for m in model.modules() if m.__dict__.get("config") is original]
+    for m in holders:
+        m.__dict__["config"] = private
+
+    def undo() -> None:
+        for m in holders:
+            m.__dict__["config"] = original
+
+    return undo

@@ -43,7 +43,7 @@ def _parity(rank, world, arch, heads, kv, sp, seq, batch, extra, pass_positions,
         checkpoint_decoder_layers(model, offload=True)
     shard = shard_batch({"input_ids": ids, "labels": labels}, dims.sp_rank, sp)
     if not pass_positions:  # the handle must derive global positions and shifted labels itself
-        shard.pop("position_ids"), shard.pop("shift_labels")
+        shard.pop("position_ids", None), shard.pop("shift_labels")
     out = model(**shard)
     out.loss.backward()
     chunk = seq // sp

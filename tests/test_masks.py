@@ -251,7 +251,8 @@ def brute_force_mask(positions, valid, window, causal):
         for q in range(s):
             for k in range(s):
                 ok = (k <= q or not causal) and docs[k] == docs[q]
-                ok = ok and (window is None or k > q - window)
+                # one-sided for causal layers, two-sided (|q - k| < window) for bidirectional ones
+                ok = ok and (window is None or (k > q - window and (causal or k < q + window)))
                 ok = ok and (valid is None or (bool(valid[row][k]) and bool(valid[row][q])))  # pads: self only
                 out[row, 0, q, k] = ok or q == k
     return out

@@ -1,0 +1,374 @@
+"""Which models Ulysses SP computes exactly, decided from the model's structure before any forward.
+
+Ulysses is exact for a model when everything that mixes tokens runs on the full sequence after the
+exchange and everything else is per token (README, "Supported models"). :func:`analyse_model` walks
+the model once, at ``apply_ulysses`` time, and either returns a :class:`ModelPlan` — what the handle
+must do to stay exact (which objective, how positions are derived, which per-head parameters the
+attention backend reads, which MoE auxiliary loss to make global, which non-attention mixers to
+exchange) — or raises :class:`UnsupportedModelError` naming the module and the reason.
+
+The rules look at structure (module types, parameters, what each ``forward`` calls), not at a list
+of architectures, so a new model built from known parts is handled without a code change:
+
+* attention must be dispatched through transformers' ``AttentionInterface`` (the model class
+  declares ``_supports_attention_backend``; each attention module's ``forward`` looks its backend
+  up in ``ALL_ATTENTION_FUNCTIONS``);
+* any other token mixer — a convolution over the sequence, a scan or recurrence, attention or
+  linear attention computed inline, an FFT — must have an SP implementation in
+  :mod:`lightning_ulysses.mixers`, else the model is refused;
+* the attention mask must come from transformers' ``masking_utils`` (so the handle can rebuild it
+  for the full sequence from the gathered padding and positions), and positions must be injectable;
+* loss terms must be ones the handle can make global (the causal / masked LM loss, the MoE
+  load-balancing loss of the model's own file).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from torch import nn
+
+from .mixers import MixerSP, sp_mixer_for
+from .moe import AuxLossPlan
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or one of its modules) cannot be run exactly under Ulysses SP; the message names
+    the module and the reason."""
+
+
+Objective = Literal["causal", "masked"]
+Positions = Literal["arange", "from_mask", "from_input_ids"]
+
+
+@dataclass
+class ModelPlan:
+    """What :class:`~lightning_ulysses.hf.UlyssesHandle` must do to keep one model exact.
+
+    Attributes:
+        objective: ``"causal"`` (targets shifted on the full sequence), ``"masked"`` (targets at
+            their own positions) or ``None`` for a model without an LM head (no labels accepted).
+        loss_in_forward: the model's ``forward`` computes its LM loss through
+            ``self.loss_function`` (replaced by the exact SP loss); otherwise the handle takes the
+            labels out of the call and computes the loss from the returned logits.
+        positions: how the model derives positions it is not given: ``arange`` over the sequence,
+            ``from_mask`` (cumulative sum of the padding mask) or ``from_input_ids`` (cumulative
+            count of non-padding tokens, offset by ``padding_idx``).
+        padding_idx: the embedding padding index for ``from_input_ids``.
+        attention: names of the modules that dispatch through ``AttentionInterface``.
+        per_head: attention module name → names of its own parameters indexed by query head, with
+            the dimension that indexes heads; sliced to this rank's heads after the exchange.
+        mixers: ``(name, module, implementation)`` for non-attention token mixers run under SP.
+        windows: attention module name → the sliding window its mask has although the module does
+            not pass ``sliding_window`` to the backend (the model builds a sliding-window mask for
+            every layer from ``config.sliding_window``).
+        aux_loss: how to recompute the model's MoE load-balancing loss over the whole sequence, when
+            the model adds one to its loss (``None`` also when its call cannot be reproduced: then
+            requesting router logits is refused).
+    """
+
+    objective: Objective | None
+    loss_in_forward: bool
+    positions: Positions = "arange"
+    padding_idx: int | None = None
+    attention: list[str] = field(default_factory=list)
+    per_head: dict[str, dict[str, int]] = field(default_factory=dict)
+    mixers: list[tuple[str, nn.Module, MixerSP]] = field(default_factory=list)
+    windows: dict[str, int] = field(default_factory=dict)
+    aux_loss: AuxLossPlan | None = None
+
+
+_MASK_BUILDERS = re.compile(r"create_(causal|bidirectional|sliding_window_causal|bidirectional_sliding_window)_mask"
+                            r"|create_masks_for_generate")
+_UNSUPPORTED_MASKS = {
+    "create_chunked_causal_mask": "chunked local attention (attention_chunk_size) is not expressible after the "
+                                  "exchange",
+    "create_recurrent_attention_mask": "a recurrent attention mask",
+}
+_INLINE_PRODUCT = re.compile(r"torch\.matmul|torch\.bmm|torch\.einsum|\.matmul\(|\.bmm\(| @ ")
+_QUERY_KEY = re.compile(r"\bquery|\bq_|\bkey|\bk_|\bq\b|\bk\b")
+_SEQUENCE_OPS = {
+    "fft": "an FFT over the sequence",
+    "cumsum": "a cumulative sum over tokens",
+    "cumprod": "a cumulative product over tokens",
+    "logcumsumexp": "a cumulative reduction over tokens",
+    "torch.roll": "a shift along the sequence",
+    "selective_scan": "a state-space scan",
+    "chunk_gated_delta_rule": "a linear-attention recurrence",
+    "recurrent_gated_delta_rule": "a linear-attention recurrence",
+}
+# An assignment statement (keyword arguments are written without spaces around "=").
+_MASK_REBOUND = re.compile(r"^\s*attention_mask\s+=\s+(?!=|encoder_attention_mask)", re.MULTILINE)
+_SEQUENCE_SHIFT = re.compile(r"\[:,\s*1:\]|\[:,\s*:-1\]")
+_SSM_PARAMETERS = ("A_log", "dt_bias", "time_decay", "time_first")
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _forward_source(module: nn.Module) -> str:
+    """Source of the ``forward`` the module's class runs (nearest override), '' for torch's own."""
+    fn = type(module).forward
+    if getattr(fn, "__module__", "").startswith("torch."):
+        return ""
+    return _source(fn)
+
+
+def dispatches_attention(module: nn.Module) -> bool:
+    """True when the module's forward looks its attention backend up in ``AttentionInterface``."""
+    src = _forward_source(module)
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+
+
+def _model_module(model: nn.Module) -> Any:
+    return sys.modules.get(type(model).__module__)
+
+
+def _objective(model: nn.Module) -> Objective | None:
+    from transformers.models.auto import modeling_auto as auto
+
+    name = type(model).__name__
+    causal = name in set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    masked = name in set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+    if causal and masked:  # one class registered for both heads: its config decides
+        causal = bool(getattr(model.config, "is_decoder", False) or getattr(model.config, "causal", False))
+        masked = not causal
+    if causal:
+        return "causal"
+    if masked:
+        return "masked"
+    if name.endswith("ForMaskedLM"):
+        return "masked"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    from transformers import PreTrainedModel
+
+    if getattr(model, "base_model", model) is model and isinstance(model, PreTrainedModel):
+        return None  # a bare backbone: hidden states per token, no loss
+    raise UnsupportedModelError(
+        f"{name}: its head is neither a causal nor a masked LM head; heads that pool or classify over the "
+        "sequence are not supported under Ulysses SP. Apply Ulysses to the backbone (model.base_model) and "
+        "compute the objective with lightning_ulysses' SP objective functions."
+    )
+
+
+def _check_model_kind(model: nn.Module) -> None:
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(f"apply_ulysses expects a transformers PreTrainedModel, got {name}.")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder model: its cross-attention reads a second sequence that Ulysses does "
+            "not shard. Only decoder-only and encoder-only models are supported."
+        )
+    if getattr(config, "sub_configs", None):
+        raise UnsupportedModelError(
+            f"{name} is a composite model ({', '.join(config.sub_configs)}); apply Ulysses to its language "
+            "model submodule."
+        )
+    if not getattr(config, "num_attention_heads", None):
+        raise UnsupportedModelError(
+            f"{name} has no attention heads (config.num_attention_heads); its token mixing is not attention, so "
+            "Ulysses cannot shard it."
+        )
+
+
+def _per_head_parameters(name: str, module: nn.Module, num_heads: int, num_kv: int) -> dict[str, int]:
+    """The module's own parameters indexed by query head, with the indexing dimension."""
+    found: dict[str, int] = {}
+    for pname, p in module.named_parameters(recurse=False):
+        dims = [i for i, n in enumerate(p.shape) if n == num_heads]
+        if len(dims) == 1 and p.numel() == num_heads:
+            found[pname] = dims[0]
+        elif len(dims) == 1 and all(n == 1 for i, n in enumerate(p.shape) if i != dims[0]):
+            found[pname] = dims[0]
+        elif dims or (num_kv != num_heads and num_kv in p.shape and p.dim() > 1 and p.numel() == num_kv):
+            raise UnsupportedModelError(
+                f"{name}.{pname} (shape {tuple(p.shape)}) is a per-head parameter whose head dimension is "
+                "ambiguous; Ulysses cannot slice it to a rank's heads."
+            )
+    return found
+
+
+def _token_mixer_reason(module: nn.Module) -> str | None:
+    """Why ``module`` mixes tokens outside ``AttentionInterface``, or ``None`` if it does not."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        kernel = module.kernel_size[0]
+        if kernel > 1:
+            return f"a convolution over the sequence (kernel {kernel})"
+        return None
+    for pname in _SSM_PARAMETERS:
+        if pname in module._parameters:
+            return f"a recurrent / state-space layer (parameter {pname})"
+    src = _forward_source(module)
+    if not src:
+        return None
+    for op, what in _SEQUENCE_OPS.items():
+        if op in src:
+            return what
+    if _SEQUENCE_SHIFT.search(src):
+        return "neighbouring tokens (a slice shifted along the sequence)"
+    if _INLINE_PRODUCT.search(src) and _QUERY_KEY.search(src):
+        return "attention or linear attention computed inline (not through transformers' AttentionInterface)"
+    return None
+
+
+def _positions(model: nn.Module) -> tuple[Positions, int | None]:
+    for sub in model.modules():
+        if "create_position_ids_from_input_ids" in _forward_source(sub):
+            return "from_input_ids", getattr(sub, "padding_idx", None)
+    for sub in model.modules():
+        if _derives_positions_from_mask(_forward_source(sub)):
+            return "from_mask", None
+    return "arange", None
+
+
+def _derives_positions_from_mask(src: str) -> bool:
+    return "cumsum" in src and "attention_mask" in src and "position" in src
+
+
+def _check_masks(model: nn.Module) -> None:
+    name = type(model).__name__
+    sources = {type(m): _source(type(m)) for m in model.modules()}
+    for fn, what in _UNSUPPORTED_MASKS.items():
+        if any(fn in src for src in sources.values()) and _uses_chunks(model, fn):
+            raise UnsupportedModelError(f"{name} uses {what} ({fn}); Ulysses SP cannot rebuild it for the full sequence.")
+    if not any(_MASK_BUILDERS.search(src) for src in sources.values()):
+        raise UnsupportedModelError(
+            f"{name} builds its attention mask itself instead of through transformers' masking_utils, so Ulysses "
+            "cannot rebuild it for the full sequence."
+        )
+
+
+def _implicit_windows(model: nn.Module, attention: list[str]) -> dict[str, int]:
+    """Windows that live only in the model's mask: the backend call does not name them.
+
+    Such a module's window is its own ``sliding_window`` attribute, else the config's window for
+    its layer type (``layer_types[layer_idx]``), else the config's window for every layer.
+    """
+    if not any("create_sliding_window_causal_mask" in _source(type(m)) for m in model.modules()):
+        return {}
+    try:
+        default = getattr(model.config, "sliding_window", None)
+    except Exception:  # noqa: BLE001 - configs whose window is per layer refuse the global read
+        default = None
+    layer_types = getattr(model.config, "layer_types", None)
+    found: dict[str, int] = {}
+    for name in attention:
+        module = model.get_submodule(name)
+        if "sliding_window" in _forward_source(module):
+            continue  # passed to the backend at each call
+        window = getattr(module, "sliding_window", None)
+        if window is None and layer_types:
+            idx = getattr(module, "layer_idx", None)
+            if idx is None:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: attention module {name!r} does not pass its sliding window to the "
+                    "backend and has no layer_idx, so Ulysses cannot tell whether its layer is windowed."
+                )
+            window = default if "sliding" in str(layer_types[idx]) else None
+        elif window is None:
+            window = default
+        if window:
+            found[name] = int(window)
+    return found
+
+
+def _uses_chunks(model: nn.Module, fn: str) -> bool:
+    if fn == "create_chunked_causal_mask":
+        return getattr(model.config, "attention_chunk_size", None) is not None
+    return True
+
+
+def _aux_loss(model: nn.Module) -> AuxLossPlan | None:
+    src = _forward_source(model)
+    if "aux_loss" not in src:
+        return None
+    fn = getattr(_model_module(model), "load_balancing_loss_func", None)
+    plan = AuxLossPlan.from_model(model, fn) if fn is not None else None
+    if plan is None and getattr(model.config, "output_router_logits", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} adds an auxiliary loss that Ulysses cannot make global over the sequence; "
+            "set output_router_logits=False."
+        )
+    return plan
+
+
+def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
+    """Decide, before any forward, how ``model`` runs exactly under SP of degree ``sp``.
+
+    Raises:
+        UnsupportedModelError: the model cannot be exact under Ulysses; the message names the module
+            and the reason.
+        ValueError: a head/group layout that ``sp`` cannot split (naming the valid ``sp``).
+    """
+    _check_model_kind(model)
+    name = type(model).__name__
+    config = model.config
+    base = getattr(model, "base_model", model)
+    num_heads = config.num_attention_heads
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+
+    plan = ModelPlan(objective=_objective(model), loss_in_forward="self.loss_function(" in _forward_source(model))
+    skip: set[int] = set()
+    for mod_name, module in model.named_modules():
+        if id(module) in skip or module is model:
+            continue
+        impl = sp_mixer_for(module)
+        if impl is not None:
+            impl.check(sp)
+            plan.mixers.append((mod_name, module, impl))
+            skip.update(id(m) for m in module.modules())
+            continue
+        if dispatches_attention(module):
+            plan.attention.append(mod_name)
+            if _MASK_REBOUND.search(_forward_source(module)):
+                raise UnsupportedModelError(
+                    f"{name}: attention module {mod_name!r} ({type(module).__name__}) computes its own attention "
+                    "mask from the local tokens, which Ulysses cannot rebuild for the full sequence."
+                )
+            heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None) or num_heads
+            per_head = _per_head_parameters(mod_name, module, heads, num_kv)
+            if per_head:
+                plan.per_head[mod_name] = per_head
+            skip.update(id(m) for m in module.modules())
+            continue
+        reason = _token_mixer_reason(module)
+        if reason == "a cumulative sum over tokens" and _derives_positions_from_mask(_forward_source(module)):
+            continue  # positions derived from the padding mask: reproduced by the positions rule
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"{name}: module {mod_name!r} ({type(module).__name__}) mixes tokens through {reason}, which Ulysses "
+                "cannot run on the full sequence; this model is not supported under SP."
+            )
+    if not plan.attention:
+        raise UnsupportedModelError(
+            f"{name} does not dispatch its attention through transformers' AttentionInterface, so Ulysses cannot "
+            "shard it; this model is not supported."
+        )
+    if not getattr(type(model), "_supports_attention_backend", False) and not plan.mixers:
+        raise UnsupportedModelError(
+            f"{name} does not declare support for transformers' attention backends (_supports_attention_backend), "
+            "so not all of its attention goes through the AttentionInterface Ulysses replaces; not supported."
+        )
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        raise UnsupportedModelError(
+            f"{type(base).__name__}.forward takes no position_ids, so Ulysses cannot give each chunk its global "
+            "positions; not supported."
+        )
+    _check_masks(model)
+    plan.windows = _implicit_windows(model, plan.attention)
+    plan.positions, plan.padding_idx = _positions(model)
+    plan.aux_loss = _aux_loss(model)
+    return plan
