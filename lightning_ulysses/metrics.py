@@ -89,8 +89,10 @@ class PositionalLossCallback(pl.Callback):
         self.prefix = prefix
         self._hooks: list[Any] = []
         self._active = False
+        self._strategy: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._strategy = trainer.strategy
         if not self._hooks:
             self._hooks = [m.register_forward_hook(self._observe, with_kwargs=True) for m in find_hf_models(pl_module)]
 
@@ -114,7 +116,10 @@ class PositionalLossCallback(pl.Callback):
             shift = shift_labels_full(labels)
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(ids.shape[1], device=logits.device)[None]
+            # Under SP this rank holds chunk sp_rank of the sequence: its global positions start there.
+            sharded = getattr(self._strategy, "sequences_sharded", False)
+            start = self._strategy.sp_rank * ids.shape[1] if sharded else 0
+            positions = start + torch.arange(ids.shape[1], device=logits.device)[None]
         self.metric.to(logits.device).update(logits.detach(), shift, positions)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
