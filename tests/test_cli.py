@@ -71,13 +71,14 @@ def _undocumented(cls: type) -> list[str]:
 def test_every_strategy_and_example_argument_is_documented():
     import importlib.util
 
-    from lightning_ulysses import PositionalLossCallback, TiledLossCallback, UlyssesFSDPStrategy, UlyssesStrategy
+    from lightning_ulysses import (PositionalLossCallback, TiledLossCallback, UlyssesFSDPStrategy, UlyssesStrategy,
+                                   UlyssesThroughputMonitor)
 
     spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
     example = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = example  # jsonargparse resolves the annotations through the module
     spec.loader.exec_module(example)
-    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, TiledLossCallback, PositionalLossCallback,
+    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, TiledLossCallback, PositionalLossCallback, UlyssesThroughputMonitor,
                 example.CausalLM, example.TextData, example.PrintProgress):
         assert _undocumented(cls) == [], cls.__name__
 
