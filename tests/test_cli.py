@@ -78,7 +78,8 @@ def test_every_strategy_and_example_argument_is_documented():
     example = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = example  # jsonargparse resolves the annotations through the module
     spec.loader.exec_module(example)
-    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, TiledLossCallback, PositionalLossCallback, UlyssesThroughputMonitor,
+    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, TiledLossCallback, PositionalLossCallback,
+                UlyssesThroughputMonitor,
                 example.CausalLM, example.TextData, example.PrintProgress):
         assert _undocumented(cls) == [], cls.__name__
 
