@@ -110,8 +110,8 @@ class CausalLM(pl.LightningModule):
     """
 
     def __init__(self, model_type: str = "llama", config: dict[str, Any] | None = None,
-                 attn_implementation: str = "sdpa", optimizer: Literal["adamw", "sgd"] = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 10, gradient_checkpointing: bool = False) -> None:
+                 attn_implementation: str = "sdpa", optimizer: Literal["adamw", "sgd"] = "adamw", lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 10, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
