@@ -122,6 +122,24 @@ def _forward_source(module: nn.Module) -> str:
     return _source(fn)
 
 
+def _passes_own_mask(module: nn.Module) -> bool:
+    """True when the module hands the backend a mask other than the one it was given."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(_forward_source(module)))
+    except SyntaxError:
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("attention_interface"):
+            given = [k.value for k in node.keywords if k.arg == "attention_mask"]
+            given += node.args[4:5]
+            if any(ast.unparse(g) not in ("attention_mask", "None") for g in given):
+                return True
+    return False
+
+
 def dispatches_attention(module: nn.Module) -> bool:
     """True when the module's forward looks its attention backend up in ``AttentionInterface``."""
     src = _forward_source(module)
@@ -333,7 +351,7 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             continue
         if dispatches_attention(module):
             plan.attention.append(mod_name)
-            if _MASK_REBOUND.search(_forward_source(module)):
+            if _MASK_REBOUND.search(_forward_source(module)) or _passes_own_mask(module):
                 raise UnsupportedModelError(
                     f"{name}: attention module {mod_name!r} ({type(module).__name__}) computes its own attention "
                     "mask from the local tokens, which Ulysses cannot rebuild for the full sequence."

@@ -119,6 +119,8 @@ def build_tiny(model_type: str, model_cls_name: str, attn: str | None = None, se
 
     defaults = AutoConfig.for_model(model_type).to_dict()
     kwargs = tiny_config_kwargs(defaults)
+    if "output_router_logits" in defaults:  # MoE: the load-balancing loss is part of what is compared
+        kwargs["output_router_logits"] = True
     kwargs.update(extra)
     config = AutoConfig.for_model(model_type, **kwargs)
     cls = getattr(transformers, model_cls_name)

@@ -1,0 +1,163 @@
+"""Each class of model that used to be silently wrong under SP is exact at sp 2 and 4, and every
+model Ulysses cannot run exactly is refused by apply_ulysses, before any forward, naming why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_ulysses import apply_ulysses, shard_batch
+from lightning_ulysses.coverage import UnsupportedModelError, analyse_model
+from tests.distributed import assert_close_rel, grad_ratio, run_distributed
+from tests.zoo.check import _call, _inputs, classify
+from tests.zoo.configs import build_tiny
+
+# (model_type, head, class): one representative of each class the issue lists.
+EXACT_CASES = [
+    ("mixtral", "causal", "MixtralForCausalLM"),  # MoE load-balancing loss and router-gate gradients
+    ("qwen2_moe", "causal", "Qwen2MoeForCausalLM"),
+    ("deepseek_v3", "causal", "DeepseekV3ForCausalLM"),  # MLA: Q/K and V head sizes differ
+    ("gpt_oss", "causal", "GptOssForCausalLM"),  # attention sinks (per-head parameters)
+    ("modernbert", "masked", "ModernBertForMaskedLM"),  # encoder, two-sided local windows, MLM loss
+    ("opt", "causal", "OPTForCausalLM"),  # positions derived from the (left-)padding mask
+    ("roberta", "masked", "RobertaForMaskedLM"),  # positions derived from the padding token
+    ("gpt_bigcode", "causal", "GPTBigCodeForCausalLM"),  # module head layout differs from the config's
+    ("phimoe", "causal", "PhimoeForCausalLM"),  # sliding window only in the model's mask
+]
+
+
+def _classify(rank, world, sp, cases):
+    from lightning_ulysses.mesh import build_mesh
+
+    dims = build_mesh("cpu", sp)
+    return [classify(arch, head, cls, dims.sp_group) for arch, head, cls in cases]
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_each_class_is_exact(sp):
+    verdicts = run_distributed(_classify, 4, sp, EXACT_CASES)[0]
+    for v in verdicts:
+        assert v.verdict == "exact", f"{v.arch} at sp={sp}: {v.verdict}: {v.reason} {v.details}"
+        assert v.details, v.arch  # compared something
+    moe = [v for v in verdicts if v.arch == "mixtral"][0]
+    assert "plain/aux_loss" in moe.details and "padded/aux_loss" in moe.details
+
+
+def _moe_gate_gradients(rank, world, sp):
+    """The router gates' gradient (not only the loss) equals the non-SP one, as a ratio."""
+    from lightning_ulysses.mesh import build_mesh
+
+    dims = build_mesh("cpu", sp)
+    kw = dict(dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=0.5)
+    ref, model = build_tiny("mixtral", "MixtralForCausalLM", **kw), build_tiny("mixtral", "MixtralForCausalLM", **kw)
+    batch = _inputs("causal", padded=True)
+    ref_out = _call(ref, batch)
+    ref_out.loss.backward()
+    handle = apply_ulysses(model, dims.sp_group)
+    out = _call(model, shard_batch(batch, dims.sp_rank, sp))
+    out.loss.backward()
+    assert_close_rel(out.aux_loss, ref_out.aux_loss, name="aux_loss")
+    assert_close_rel(out.loss, ref_out.loss, name="loss")
+    gates = [(n, p, q) for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()) if "gate" in n
+             and "proj" not in n and "up" not in n]
+    assert gates
+    for name, p, q in gates:
+        g = p.grad.clone()
+        dist.all_reduce(g, group=dims.sp_group)
+        g /= sp
+        assert_close_rel(g, q.grad, name=name)
+        assert abs(grad_ratio(g, q.grad) - 1) < 1e-5, name
+    handle.remove()
+    return True
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_moe_aux_loss_and_gate_gradients(sp):
+    run_distributed(_moe_gate_gradients, 4, sp)
+
+
+def _shared_config(rank, world):
+    """Policy + frozen reference built from one config object: SP on one leaves the other alone,
+    and both trained side by side under SP are exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    policy, reference = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    assert policy.config is reference.config  # what transformers does
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    full_ref = reference(input_ids=ids).logits
+    handle = apply_ulysses(policy, dist.group.WORLD)
+    # the reference still runs unpatched, on the full sequence, exactly as before
+    assert reference.config._attn_implementation == "sdpa"
+    assert torch.equal(reference(input_ids=ids).logits, full_ref)
+    # ... and can be put under SP too (no "already applied"), both exact side by side
+    handle_ref = apply_ulysses(reference, dist.group.WORLD)
+    shard = shard_batch({"input_ids": ids, "labels": ids}, rank, world)
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(cfg.__class__(**cfg.to_dict()))
+    expected = plain(input_ids=ids, labels=ids)
+    expected.loss.backward()
+    out = policy(**shard)
+    with torch.no_grad():
+        ref_out = reference(**shard)
+    out.loss.backward()
+    assert_close_rel(out.loss, expected.loss, name="policy loss")
+    assert_close_rel(ref_out.logits, full_ref[:, rank * 8:(rank + 1) * 8], name="reference logits")
+    for (name, p), q in zip(policy.named_parameters(), plain.parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        g /= world
+        assert_close_rel(g, q.grad, name=name)
+    handle.remove()
+    handle_ref.remove()
+    assert policy.config is reference.config and policy.config._attn_implementation == "sdpa"
+    return True
+
+
+def test_models_sharing_a_config_are_isolated():
+    run_distributed(_shared_config, 2)
+
+
+REFUSED = [
+    ("falcon", "FalconForCausalLM", "inline"),  # attention computed inline, not through the interface
+    ("bloom", "BloomForCausalLM", "inline"),
+    ("lfm3", "Lfm3ForCausalLM", "convolution"),  # a causal convolution mixes tokens
+    ("mobilebert", "MobileBertForMaskedLM", "neighbouring tokens"),  # trigram embeddings
+    ("llama4_text", "Llama4ForCausalLM", "chunked"),  # chunked local attention
+    ("bart", "BartForConditionalGeneration", "encoder-decoder"),
+    ("mamba", "MambaForCausalLM", "no attention heads"),
+    ("doge", "DogeForCausalLM", "own attention mask"),
+]
+
+
+@pytest.mark.parametrize("arch,cls,words", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused_before_any_forward(arch, cls, words):
+    model = build_tiny(arch, cls, dtype=torch.float32)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(UnsupportedModelError) as info:
+        analyse_model(model, 2)
+    assert not calls
+    assert type(model).__name__ in str(info.value) or words is None or words in str(info.value)
+    if words is not None:
+        assert words in str(info.value), str(info.value)
+
+
+def test_classifier_heads_are_refused():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                                       num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(UnsupportedModelError, match="neither a causal nor a masked LM head"):
+        analyse_model(model, 2)
+
+
+def test_shards_are_contiguous():
+    ids = torch.arange(24).reshape(2, 12)
+    out = shard_batch({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}, 1, 3)
+    for key in ("input_ids", "labels", "shift_labels", "attention_mask"):
+        assert out[key].is_contiguous(), key
+        out[key].view(-1)  # what models do with their labels

@@ -1,0 +1,33 @@
+"""The whole transformers zoo under SP: every architecture exact or refused, never silently wrong.
+
+Classifies every causal / masked LM architecture of the installed transformers (tests/zoo/), writes
+docs/supported_models.md from the result and checks the README's counts against it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.zoo.matrix import DOC, counts, render, run_matrix, summary_line
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_architecture_is_exact_or_refused():
+    results = run_matrix()
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(render(results))  # regenerated from this transformers version
+    bad = [v for v in results if v.verdict in ("wrong", "foreign")]
+    assert not bad, "silently wrong or foreign-exception cases:\n" + "\n".join(
+        f"{v.arch} ({v.head}, {v.cls}): {v.verdict}: {v.reason}" for v in bad)
+    late = [v for v in results if v.verdict == "refused" and v.reason.startswith("at forward")]
+    assert not late, "refused only at the first forward, not by apply_ulysses:\n" + "\n".join(
+        f"{v.arch}: {v.reason}" for v in late)
+    c = counts(results)
+    assert c["exact"] >= 100, c  # the dense decoders, MoE, MLA, sinks and encoders must stay exact
+    readme = README.read_text()
+    assert summary_line(results) in readme, (
+        f"README's support-matrix counts differ from this run: expected the line {summary_line(results)!r}; "
+        "regenerate with `python -m tests.zoo.matrix` and update the README.")
+    assert re.search(r"docs/supported_models\.md", readme)
