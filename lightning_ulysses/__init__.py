@@ -2,6 +2,7 @@
 
 from .callbacks import TiledLossCallback
 from .comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
+from .coverage import UnsupportedModelError
 from .data import shard_batch
 from .hf import UlyssesHandle, apply_ulysses
 from .metrics import PositionalLoss, PositionalLossCallback
@@ -25,6 +26,7 @@ __all__ = [
     "sequence_tiled_compute",
     "tile_mlps",
     "UlyssesHandle",
+    "UnsupportedModelError",
     "UlyssesFabricStrategy",
     "UlyssesFSDPFabricStrategy",
     "UlyssesFSDPStrategy",

@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal
 
 from torch import nn
 
-from .mixers import MixerSP, sp_mixer_for
+from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
 
 
@@ -256,10 +256,14 @@ def _derives_positions_from_mask(src: str) -> bool:
     return "cumsum" in src and "attention_mask" in src and "position" in src
 
 
-def _check_masks(model: nn.Module) -> None:
+def _check_masks(model: nn.Module, has_mixers: bool) -> None:
     name = type(model).__name__
     sources = {type(m): _source(type(m)) for m in model.modules()}
     for fn, what in _UNSUPPORTED_MASKS.items():
+        if fn == "create_recurrent_attention_mask" and has_mixers:
+            # Hybrid models build it for their mixers; called without a 2D mask it is None, and
+            # the SP mixers take padding and documents from the gathered metadata instead.
+            continue
         if any(fn in src for src in sources.values()) and _uses_chunks(model, fn):
             raise UnsupportedModelError(f"{name} uses {what} ({fn}); Ulysses SP cannot rebuild it for the full sequence.")
     if not any(_MASK_BUILDERS.search(src) for src in sources.values()):
@@ -323,6 +327,14 @@ def _aux_loss(model: nn.Module) -> AuxLossPlan | None:
     return plan
 
 
+def _valid_sp(model: nn.Module, num_heads: int, num_kv: int) -> list[int]:
+    """The ``sp`` every attention layout and every SP mixer of the model allow (their intersection)."""
+    attention = [d for d in range(1, num_heads + 1)
+                 if num_heads % d == 0 and (num_kv % d == 0 or d % num_kv == 0) and num_heads % num_kv == 0]
+    mixers = mixers_valid_sp(model)
+    return attention if mixers is None else sorted(set(attention) & set(mixers))
+
+
 def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
     """Decide, before any forward, how ``model`` runs exactly under SP of degree ``sp``.
 
@@ -345,7 +357,10 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             continue
         impl = sp_mixer_for(module)
         if impl is not None:
-            impl.check(sp)
+            try:
+                impl.check(sp)
+            except ValueError as e:
+                raise ValueError(f"{e} Valid sp for the whole model: {_valid_sp(model, num_heads, num_kv)}.") from e
             plan.mixers.append((mod_name, module, impl))
             skip.update(id(m) for m in module.modules())
             continue
@@ -362,7 +377,7 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
                 plan.per_head[mod_name] = per_head
             skip.update(id(m) for m in module.modules())
             continue
-        reason = _token_mixer_reason(module)
+        reason = refusal_reason(module) or _token_mixer_reason(module)
         if reason == "a cumulative sum over tokens" and _derives_positions_from_mask(_forward_source(module)):
             continue  # positions derived from the padding mask: reproduced by the positions rule
         if reason is not None:
@@ -385,7 +400,7 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             f"{type(base).__name__}.forward takes no position_ids, so Ulysses cannot give each chunk its global "
             "positions; not supported."
         )
-    _check_masks(model)
+    _check_masks(model, has_mixers=bool(plan.mixers))
     plan.windows = _implicit_windows(model, plan.attention)
     plan.positions, plan.padding_idx = _positions(model)
     plan.aux_loss = _aux_loss(model)

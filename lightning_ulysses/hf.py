@@ -1,6 +1,10 @@
 """Apply Ulysses SP to a HuggingFace model in place, reversibly: :func:`apply_ulysses`.
 
-What applying does, all of it per model and undone by :meth:`UlyssesHandle.remove`:
+First the model is analysed (:func:`~lightning_ulysses.coverage.analyse_model`): it is either run
+exactly or refused with :class:`~lightning_ulysses.coverage.UnsupportedModelError` before anything
+is touched. Then, all of it per model and undone by :meth:`UlyssesHandle.remove`:
+
+* gives the model a private copy of its config (transformers shares one between models);
 
 * registers this model's Ulysses attention in transformers' ``AttentionInterface`` under a name
   unique to the handle, and points the model config's attention implementation at it (the name is
@@ -12,7 +16,9 @@ What applying does, all of it per model and undone by :meth:`UlyssesHandle.remov
   attention and loss through the model's ``**kwargs`` (so activation-checkpoint recomputation sees
   the same context);
 * replaces the model's ``loss_function`` (instance attribute) by the exact SP token mean
-  (:mod:`.loss`).
+  (:mod:`.loss`), or computes the loss from the logits when the model does not call it (masked
+  LMs, inline losses); makes an MoE load-balancing loss global (:mod:`.moe`);
+* patches the non-attention token mixers that :mod:`.mixers` runs under SP.
 """
 
 from __future__ import annotations
@@ -171,6 +177,7 @@ class UlyssesHandle:
 
     def _forward(self, next_forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._bypass_depth or (self.eval_mode == "bypass" and not self.model.training):
+            self._current = None  # SP mixers run their own forward outside an SP forward
             with self.bypass():
                 return next_forward(*args, **kwargs)
         call = bind_call(self._signature, args, kwargs)
@@ -208,11 +215,10 @@ class UlyssesHandle:
             add_to_loss(out, aux.global_aux_loss(self.model, tuple(out.router_logits), ctx, b), coef)
         return out
 
-    def _running_context(self) -> ForwardContext:
-        """The context of the forward running now (for non-attention mixers)."""
-        if self._current is None:
-            raise RuntimeError("a Ulysses mixer was called outside a Ulysses forward.")
-        return self._current
+    def _running_context(self) -> ForwardContext | None:
+        """The context of the SP forward running now (for non-attention mixers); ``None`` in a
+        bypassed forward."""
+        return None if self._bypass_depth else self._current
 
     def _prepare(self, call: dict[str, Any]) -> tuple[ForwardContext, Tensor | None]:
         """Gather the sequence metadata once and prepare the call; returns the context and, when the
@@ -227,8 +233,10 @@ class UlyssesHandle:
                 "a KV cache cannot be used under Ulysses SP (it would hold one chunk). Generate inside "
                 "`handle.bypass()` or apply with eval_mode='bypass'."
             )
-        if "use_cache" in self._signature.parameters:
-            call["use_cache"] = False
+        params = self._signature.parameters
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if "use_cache" in params or (takes_kwargs and hasattr(self.model.config, "use_cache")):
+            call["use_cache"] = False  # a cache would hold one chunk (some models take it through **kwargs)
         b, s_local = ref.shape[:2]
         device = ref.device
         plan = self.plan
@@ -376,6 +384,8 @@ def apply_ulysses(
             computes attention, so its transient peak counts. Warns when applied.
 
     Raises:
+        UnsupportedModelError: the model cannot run exactly under SP (README, "Supported models"):
+            the message names the module and the reason.
         ValueError: heads not divisible by ``sp``, unsupported attention backend, and the like,
             with the numbers and the fix.
     """

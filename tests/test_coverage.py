@@ -105,7 +105,8 @@ def _shared_config(rank, world):
         ref_out = reference(**shard)
     out.loss.backward()
     assert_close_rel(out.loss, expected.loss, name="policy loss")
-    assert_close_rel(ref_out.logits, full_ref[:, rank * 8:(rank + 1) * 8], name="reference logits")
+    chunk = 16 // world
+    assert_close_rel(ref_out.logits, full_ref[:, rank * chunk:(rank + 1) * chunk], name="reference logits")
     for (name, p), q in zip(policy.named_parameters(), plain.parameters()):
         g = p.grad.clone()
         dist.all_reduce(g)
@@ -117,8 +118,9 @@ def _shared_config(rank, world):
     return True
 
 
-def test_models_sharing_a_config_are_isolated():
-    run_distributed(_shared_config, 2)
+@pytest.mark.parametrize("sp", [2, 4])
+def test_models_sharing_a_config_are_isolated(sp):
+    run_distributed(_shared_config, sp)
 
 
 REFUSED = [

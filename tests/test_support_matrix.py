@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.zoo.matrix import DOC, counts, render, run_matrix, summary_line
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.timeout(3600)  # ~240 architectures, a few seconds each on 2 cores
 def test_every_architecture_is_exact_or_refused():
     results = run_matrix()
     DOC.parent.mkdir(exist_ok=True)

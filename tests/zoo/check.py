@@ -59,7 +59,7 @@ def _inputs(head: str, padded: bool) -> dict[str, torch.Tensor]:
 def _call(model: torch.nn.Module, batch: dict[str, Any]) -> Any:
     kwargs = dict(batch)
     params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
+    if "use_cache" in params or hasattr(model.config, "use_cache"):
         kwargs["use_cache"] = False
     return model(**kwargs)
 

@@ -81,6 +81,13 @@ def tiny_config_kwargs(defaults: dict[str, Any]) -> dict[str, Any]:
             out[key] = _pick_layers(value, n)
     if isinstance(out.get("intermediate_size"), int) and isinstance(defaults.get("intermediate_size"), list):
         out["intermediate_size"] = [64] * n
+    # Hybrids place attention by period / index: keep one attention layer among the tiny ones.
+    if "attn_layer_period" in defaults:
+        out.update(attn_layer_period=2, attn_layer_offset=1)
+    if "attn_layer_indices" in defaults:
+        out["attn_layer_indices"] = [1]
+    if "attention_hidden_size" in defaults:  # Zamba: attention reads [hidden, original hidden] concatenated
+        out.update(attention_hidden_size=2 * HIDDEN, attention_head_dim=2 * HIDDEN // HEADS)
     if isinstance(defaults.get("intermediate_size"), list):
         out["intermediate_size"] = [64] * n
     return out
