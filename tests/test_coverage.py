@@ -3,6 +3,8 @@ model Ulysses cannot run exactly is refused by apply_ulysses, before any forward
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -126,7 +128,7 @@ def test_models_sharing_a_config_are_isolated(sp):
 REFUSED = [
     ("falcon", "FalconForCausalLM", "inline"),  # attention computed inline, not through the interface
     ("bloom", "BloomForCausalLM", "inline"),
-    ("lfm3", "Lfm3ForCausalLM", "convolution"),  # a causal convolution mixes tokens
+    ("lfm2", "Lfm2ForCausalLM", "convolution|recurrent attention mask"),  # short convolutions mix tokens
     ("mobilebert", "MobileBertForMaskedLM", "neighbouring tokens"),  # trigram embeddings
     ("llama4_text", "Llama4ForCausalLM", "chunked"),  # chunked local attention
     ("bart", "BartForConditionalGeneration", "encoder-decoder"),
@@ -143,9 +145,7 @@ def test_refused_before_any_forward(arch, cls, words):
     with pytest.raises(UnsupportedModelError) as info:
         analyse_model(model, 2)
     assert not calls
-    assert type(model).__name__ in str(info.value) or words is None or words in str(info.value)
-    if words is not None:
-        assert words in str(info.value), str(info.value)
+    assert re.search(words, str(info.value)), str(info.value)
 
 
 def test_classifier_heads_are_refused():

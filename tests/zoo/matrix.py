@@ -90,7 +90,8 @@ def render(results: list[Verdict]) -> str:
         "tokens, loss, MoE auxiliary loss and every parameter gradient (summed over the SP group / sp) at 1e-5 "
         "relative, gradients also as ratios.",
         "",
-        f"{summary_line(results)}; 0 silently wrong, 0 foreign exceptions.",
+        f"{summary_line(results)}; {counts(results)['wrong']} silently wrong, "
+        f"{counts(results)['foreign']} foreign exceptions.",
         "",
         "- **exact**: all of the above within 1e-5 relative.",
         "- **refused**: `apply_ulysses` raises `UnsupportedModelError` before the first forward, naming the module and "
