@@ -31,6 +31,7 @@ def _load():
 gpu_check = _load()
 
 
+@pytest.mark.timeout(1800)  # the same bound as its --budget: ~1 min idle, several on a loaded machine
 def test_dry_run_passes_every_section(tmp_path, capsys):
     out_json = tmp_path / "result.json"
     # a budget no loaded CI machine runs out of (~1 min when idle): every case must run, none be skipped

@@ -97,8 +97,12 @@ def test_sharded_batch_for_known_input():
     assert shards[1]["shift_labels"].tolist() == [[16, 17, -100, -100]]
     assert shards[0]["labels"].tolist() == [[11, 12, 13, 14]]
     assert shards[1]["labels"].tolist() == [[15, 16, 17, -100]]
-    # no padding mask is invented for the SP padding: causal attention never reaches it
-    assert "attention_mask" not in shards[0] and "attention_mask" not in shards[1]
+    # the SP padding of an unpacked row is masked: a bidirectional encoder would attend to it
+    assert shards[0]["attention_mask"].tolist() == [[1, 1, 1, 1]]
+    assert shards[1]["attention_mask"].tolist() == [[1, 1, 1, 0]]
+    packed = [ShardingCollate(lambda x: x, r, 2)({**batch, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]])})
+              for r in range(2)]  # packed rows: none, so flash's varlen path stays available
+    assert "attention_mask" not in packed[0] and packed[1]["position_ids"].tolist() == [[1, 2, 3, 4]]
     masked = ShardingCollate(lambda x: x, 1, 2)({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1]])})
     assert masked["attention_mask"].tolist() == [[1, 1, 1, 0]]
     left = ShardingCollate(lambda x: x, 0, 2)({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1]])})
