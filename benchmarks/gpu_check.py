@@ -782,7 +782,10 @@ class Run:
         t0 = time.monotonic()
         try:
             # a one-process case has the machine's cores to itself (host-side init and optimizer steps)
-            threads = self.args.threads if world > 1 else max(self.args.threads, os.cpu_count() or 1)
+            # The dry run runs inside a test process that has already used OpenMP: a forked child that
+            # starts a multi-threaded OpenMP region can hang, so it stays on one thread there.
+            threads = self.args.threads if world > 1 or self.args.dry_run else max(self.args.threads,
+                                                                                    os.cpu_count() or 1)
             res = launch(fn, world, {**spec, "shapes": self.s, "device": self.device}, backend=backend,
                          timeout=min(timeout, left - 5), threads=threads)
         except Exception as exc:  # noqa: BLE001 - CaseError, or a launcher failure: both are a row
