@@ -45,6 +45,16 @@ class HeadLayout:
     num_kv_heads: int
     sp: int
 
+    @staticmethod
+    def valid_sp(num_heads: int, num_kv_heads: int) -> list[int]:
+        """Every ``sp`` that can shard ``num_heads`` query heads grouped over ``num_kv_heads`` KV heads:
+        ``sp`` divides ``Hq``, and ``sp`` and ``Hkv`` divide one another (empty when ``Hkv`` does not
+        divide ``Hq``)."""
+        if num_heads % num_kv_heads:
+            return []
+        return [d for d in range(1, num_heads + 1)
+                if num_heads % d == 0 and (num_kv_heads % d == 0 or d % num_kv_heads == 0)]
+
     @classmethod
     def validate(cls, num_heads: int, num_kv_heads: int, sp: int) -> "HeadLayout":
         """Check that ``sp`` can shard these heads, raising a ``ValueError`` that names the fix."""
@@ -59,10 +69,9 @@ class HeadLayout:
                 f"Choose sp from {choices}."
             )
         if num_kv_heads % sp and sp % num_kv_heads:
-            choices = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and (num_kv_heads % d == 0 or d % num_kv_heads == 0)]
             raise ValueError(
                 f"num_key_value_heads={num_kv_heads} and sp={sp}: one must divide the other so that each rank's "
-                f"query heads share whole KV heads. Choose sp from {choices}."
+                f"query heads share whole KV heads. Choose sp from {cls.valid_sp(num_heads, num_kv_heads)}."
             )
         return cls(num_heads, num_kv_heads, sp)
 
@@ -87,8 +96,8 @@ class HeadLayout:
 
     def overlap_choices(self) -> list[int]:
         """The ``overlap_chunks`` this layout allows (see :meth:`check_overlap`)."""
-        hq, hkv = self.local_heads, self.local_kv_heads
-        return [c for c in range(1, hq + 1) if hq % c == 0 and (hkv % c == 0 or c % hkv == 0)]
+        # the same rule as ``sp`` over all heads, applied to this rank's heads
+        return self.valid_sp(self.local_heads, self.local_kv_heads)
 
     def check_overlap(self, chunks: int) -> int:
         """Validate ``chunks`` head groups per rank, raising a ``ValueError`` that names the choices.

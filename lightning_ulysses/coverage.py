@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal
 
 from torch import nn
 
+from .attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
 
@@ -69,6 +70,8 @@ class ModelPlan:
         aux_loss: how to recompute the model's MoE load-balancing loss over the whole sequence, when
             the model adds one to its loss (``None`` also when its call cannot be reproduced: then
             requesting router logits is refused).
+        aux_refused: the model adds an auxiliary loss that ``aux_loss`` cannot reproduce; a forward
+            that asks for router logits is refused.
     """
 
     objective: Objective | None
@@ -80,6 +83,7 @@ class ModelPlan:
     mixers: list[tuple[str, nn.Module, MixerSP]] = field(default_factory=list)
     windows: dict[str, int] = field(default_factory=dict)
     aux_loss: AuxLossPlan | None = None
+    aux_refused: bool = False
 
 
 _MASK_BUILDERS = re.compile(r"create_(causal|bidirectional|sliding_window_causal|bidirectional_sliding_window)_mask"
@@ -313,10 +317,12 @@ def _uses_chunks(model: nn.Module, fn: str) -> bool:
     return True
 
 
-def _aux_loss(model: nn.Module) -> AuxLossPlan | None:
+def _aux_loss(model: nn.Module) -> tuple[AuxLossPlan | None, bool]:
+    """The plan for the model's auxiliary loss, and whether it has one that no plan reproduces
+    (refused now if the config asks for router logits, else at a forward that asks for them)."""
     src = _forward_source(model)
     if "aux_loss" not in src:
-        return None
+        return None, False
     fn = getattr(_model_module(model), "load_balancing_loss_func", None)
     plan = AuxLossPlan.from_model(model, fn) if fn is not None else None
     if plan is None and getattr(model.config, "output_router_logits", False):
@@ -324,13 +330,12 @@ def _aux_loss(model: nn.Module) -> AuxLossPlan | None:
             f"{type(model).__name__} adds an auxiliary loss that Ulysses cannot make global over the sequence; "
             "set output_router_logits=False."
         )
-    return plan
+    return plan, plan is None
 
 
 def _valid_sp(model: nn.Module, num_heads: int, num_kv: int) -> list[int]:
     """The ``sp`` every attention layout and every SP mixer of the model allow (their intersection)."""
-    attention = [d for d in range(1, num_heads + 1)
-                 if num_heads % d == 0 and (num_kv % d == 0 or d % num_kv == 0) and num_heads % num_kv == 0]
+    attention = HeadLayout.valid_sp(num_heads, num_kv)
     mixers = mixers_valid_sp(model)
     return attention if mixers is None else sorted(set(attention) & set(mixers))
 
@@ -403,5 +408,5 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
     _check_masks(model, has_mixers=bool(plan.mixers))
     plan.windows = _implicit_windows(model, plan.attention)
     plan.positions, plan.padding_idx = _positions(model)
-    plan.aux_loss = _aux_loss(model)
+    plan.aux_loss, plan.aux_refused = _aux_loss(model)
     return plan

@@ -184,13 +184,14 @@ class UlyssesHandle:
         ctx, targets = self._prepare(call)
         self._current = ctx
         plan = self.plan
-        aux = plan.aux_loss if wants_router_logits(self.model, call) else None
-        if aux is None and plan.aux_loss is None and wants_router_logits(self.model, call) and \
-                "aux_loss" in inspect.getsource(type(self.model).forward):
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__} adds an auxiliary loss that Ulysses cannot make global over the "
-                "sequence; call it with output_router_logits=False."
-            )
+        aux = None
+        if wants_router_logits(self.model, call):
+            aux = plan.aux_loss
+            if plan.aux_refused:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} adds an auxiliary loss that Ulysses cannot make global over the "
+                    "sequence; call it with output_router_logits=False."
+                )
         restore = zero_coefficient(self.model, aux.coef_attr) if aux is not None else None
         try:
             out = next_forward(**call)

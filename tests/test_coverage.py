@@ -148,6 +148,44 @@ def test_refused_before_any_forward(arch, cls, words):
     assert re.search(words, str(info.value)), str(info.value)
 
 
+def _moe_with_foreign_aux_loss():
+    """A Mixtral whose class lives where no ``load_balancing_loss_func`` is (this test module): the
+    auxiliary loss its forward adds cannot be recomputed over the whole sequence."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    class MyMixtralForCausalLM(MixtralForCausalLM):
+        def forward(self, *args, **kwargs):  # adds the model's aux_loss, as the parent does
+            return super().forward(*args, **kwargs)
+
+    def build(router_logits: bool):
+        cfg = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
+                            output_router_logits=router_logits, attn_implementation="sdpa")
+        return MyMixtralForCausalLM(cfg)
+
+    return build
+
+
+def _aux_refused_at_forward(rank, world):
+    model = _moe_with_foreign_aux_loss()(router_logits=False)
+    handle = apply_ulysses(model, dist.group.WORLD)
+    assert handle.plan.aux_refused and handle.plan.aux_loss is None
+    batch = shard_batch({"input_ids": torch.arange(8).reshape(1, 8) % 32}, rank, world)
+    model(**batch)  # without router logits the model adds no auxiliary loss: runs
+    with pytest.raises(UnsupportedModelError, match="call it with output_router_logits=False"):
+        model(**batch, output_router_logits=True)
+    handle.remove()
+    return True
+
+
+def test_unreproducible_aux_loss_is_refused():
+    # asked for by the config: refused before any forward
+    with pytest.raises(UnsupportedModelError, match="set output_router_logits=False"):
+        analyse_model(_moe_with_foreign_aux_loss()(router_logits=True), 2)
+    # asked for by one call: that call is refused
+    assert all(run_distributed(_aux_refused_at_forward, 2))
+
+
 def test_classifier_heads_are_refused():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
