@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -65,20 +66,23 @@ def _undocumented(cls: type) -> list[str]:
     parser.add_class_arguments(cls, "x")
     args = [a for a in parser._actions if a.dest.startswith("x.")]
     assert args, f"no arguments found for {cls.__name__}"
-    return [a.dest[2:] for a in args if not (a.help or "").strip() or a.help.startswith("(type:")]
+    own = set(inspect.signature(cls.__init__).parameters)  # not what **kwargs forwards to torch
+    return [a.dest[2:] for a in args
+            if a.dest[2:] in own and (not (a.help or "").strip() or a.help.startswith("(type:"))]
 
 
 def test_every_strategy_and_example_argument_is_documented():
     import importlib.util
 
-    from lightning_ulysses import (PositionalLossCallback, TiledLossCallback, UlyssesFSDPStrategy, UlyssesStrategy,
+    from lightning_ulysses import (PositionalLossCallback, TiledLossCallback, UlyssesFabricStrategy,
+                                   UlyssesFSDPFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy,
                                    UlyssesThroughputMonitor)
 
     spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
     example = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = example  # jsonargparse resolves the annotations through the module
     spec.loader.exec_module(example)
-    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, TiledLossCallback, PositionalLossCallback,
+    for cls in (UlyssesStrategy, UlyssesFSDPStrategy, UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, TiledLossCallback, PositionalLossCallback,
                 UlyssesThroughputMonitor,
                 example.CausalLM, example.TextData, example.PrintProgress):
         assert _undocumented(cls) == [], cls.__name__

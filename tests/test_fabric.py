@@ -25,7 +25,14 @@ def _full(t):
 def _strategy(name):
     if name == "fsdp":  # one full checkpoint file, loadable by plain torch
         return UlyssesFSDPFabricStrategy(sp=2, save_distributed_checkpoint=False)
+    if name == "fsdp-ckpt":  # + every decoder layer checkpointed, its input kept in host memory
+        return UlyssesFSDPFabricStrategy(sp=2, save_distributed_checkpoint=False, activation_checkpointing=True,
+                                         offload_activations=True)
     return name  # "ulysses_sp2" (from Fabric's registry) or plain "ddp"
+
+
+def _checkpointed(layer):
+    return "forward" in layer.__dict__  # checkpoint_decoder_layers wraps the instance's forward
 
 
 def _fabric_loop(rank, world, name, ckpt_dir):
@@ -42,7 +49,8 @@ def _fabric_loop(rank, world, name, ckpt_dir):
     if sp:
         info.update(sp_rank=fabric.strategy.sp_rank, dp_rank=fabric.strategy.dp_rank,
                     mesh=tuple(fabric.strategy.device_mesh.mesh.shape),
-                    group_active=current_sp_group() is fabric.strategy.sp_group)
+                    group_active=current_sp_group() is fabric.strategy.sp_group,
+                    checkpointed=[_checkpointed(layer) for layer in model.module.model.layers])
     # Every run holds batch 0 back (same data after it). Under SP, a loss from this rank's chunk alone
     # is refused at the first backward.
     batches = iter(loader)
@@ -67,6 +75,7 @@ def _fabric_loop(rank, world, name, ckpt_dir):
         fabric.save(path, {"model": model, "optimizer": opt, "step": STEPS})
         fabric.strategy.teardown()
         info["restored"] = model.config._attn_implementation == "sdpa" and current_sp_group() is None
+        info["checkpoint_removed"] = not any(_checkpointed(layer) for layer in model.module.model.layers)
     else:  # plain Fabric DDP resumes from the checkpoint written under SP
         fresh = tiny_model("llama", 4, 2, seed=5)
         fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
@@ -89,7 +98,7 @@ def _assert_matches_ddp(sp_results, reference, ckpt):
     ref_losses, ref_grad, ref_state, _ = reference
     for rank, (losses, grad, state, info) in enumerate(sp_results):
         assert (info["sp_rank"], info["dp_rank"], info["mesh"]) == (rank % 2, rank // 2, (2, 2))
-        assert info["group_active"] and info["restored"]
+        assert info["group_active"] and info["restored"] and info["checkpoint_removed"]
         assert_close_rel(torch.tensor(losses), torch.tensor(ref_losses), name=f"losses (rank {rank})")
         # AdamW hides a gradient scale error; the first gradient does not.
         assert grad_ratio(grad, ref_grad) == pytest.approx(1.0, abs=1e-5)
@@ -112,10 +121,13 @@ def test_fabric_fit_matches_plain_ddp(runs):
     assert info["rest"] == {"step": STEPS}
 
 
-def test_fabric_fsdp_fit_matches_plain_ddp(runs):
+@pytest.mark.parametrize("name", ["fsdp", "fsdp-ckpt"])
+def test_fabric_fsdp_fit_matches_plain_ddp(runs, name):
     ckpt_dir, _, reference = runs
-    results = run_distributed(_fabric_loop, 4, "fsdp", str(ckpt_dir), init_pg=False)
-    _assert_matches_ddp(results, reference, ckpt_dir / "fsdp.ckpt")
+    results = run_distributed(_fabric_loop, 4, name, str(ckpt_dir), init_pg=False)
+    _assert_matches_ddp(results, reference, ckpt_dir / f"{name}.ckpt")
+    for _, _, _, info in results:
+        assert info["checkpointed"] == [name == "fsdp-ckpt"] * len(info["checkpointed"]) and info["checkpointed"]
 
 
 def test_fabric_strategies_validate_world_and_registry():
@@ -128,6 +140,8 @@ def test_fabric_strategies_validate_world_and_registry():
         Fabric(accelerator="cpu", devices=4, strategy=UlyssesFabricStrategy(sp=3))
     with pytest.raises(ValueError, match="sharding must be"):
         UlyssesFSDPFabricStrategy(sp=2, sharding="zero2")
+    with pytest.raises(ValueError, match="set activation_checkpointing=True"):
+        UlyssesFSDPFabricStrategy(sp=2, offload_activations=True)
 
 
 def test_fabric_loader_checks_and_drops_fingerprints():

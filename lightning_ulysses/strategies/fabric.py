@@ -114,7 +114,19 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             over the SP group; ``False`` for a loss that is rank-local on purpose.
         overlap_chunks: head groups per rank whose all-to-alls overlap attention
             (see :func:`~lightning_ulysses.apply_ulysses`).
-        process_group_backend / timeout / start_method / ``**ddp_kwargs``: as Fabric's ``DDPStrategy``.
+        debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
+            its attention computation (see :func:`~lightning_ulysses.apply_ulysses`), to find the memory
+            limit of a configuration quickly. Off by default; warns loudly when on.
+        accelerator: set by Fabric from ``Fabric(accelerator=...)``.
+        parallel_devices: set by Fabric from ``Fabric(devices=...)``.
+        cluster_environment: set by Fabric (detected, or from ``Fabric(plugins=...)``).
+        checkpoint_io: how ``fabric.save``/``fabric.load`` read and write files (Fabric's default).
+        precision: set by Fabric from ``Fabric(precision=...)``.
+        process_group_backend: ``"nccl"``/``"gloo"``; default by device.
+        timeout: timeout of every process group, the mesh's SP and DP groups included (so a deadlock
+            fails instead of hanging).
+        start_method: how Fabric starts the processes it launches (as Fabric's ``DDPStrategy``).
+        **ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel``.
 
     The strategy exposes ``sp_group``, ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size``,
     ``dp_size`` and ``device_mesh`` (``fabric.strategy.sp_group``).
@@ -134,6 +146,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        debug_skip_attention: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -141,7 +154,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             checkpoint_io=checkpoint_io, precision=precision, process_group_backend=process_group_backend,
             timeout=timeout, start_method=start_method, **ddp_kwargs,
         )
-        self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss)
+        self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
+                           debug_skip_attention=debug_skip_attention)
 
     @override
     def _configure_launcher(self) -> None:
@@ -186,10 +200,26 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
 
     Args:
         sp: sequence-parallel degree; ``"auto"`` uses the processes per node.
-        sharding / param_dtype / reduce_dtype / reshard_after_forward: as in
-            :class:`~lightning_ulysses.UlyssesFSDPStrategy`.
-        check_batches / check_loss / overlap_chunks: as in :class:`UlyssesFabricStrategy`.
-        save_distributed_checkpoint / process_group_backend / timeout: as Fabric's ``ModelParallelStrategy``.
+        sharding: ``"full"`` shards parameters over all ``dp x sp`` ranks (ZeRO-3); ``"hybrid"``
+            shards within each SP group and replicates across DP groups (HSDP).
+        param_dtype: dtype FSDP2 computes in (``MixedPrecisionPolicy.param_dtype``); ``None`` keeps
+            the parameters' dtype.
+        reduce_dtype: dtype FSDP2 reduces gradients in; ``None`` keeps the parameters' dtype.
+        reshard_after_forward: FSDP2's option; ``False`` trades memory for one all-gather less.
+        activation_checkpointing: checkpoint every decoder layer (non-reentrant) at ``fabric.setup``.
+        offload_activations: with checkpointing, keep each layer's input on the CPU between
+            forward and backward.
+        check_batches: compare a fingerprint of each batch across the SP group and raise if peers
+            received different samples.
+        check_loss: raise at the first ``fabric.backward`` whose loss never went through a reduction
+            over the SP group; ``False`` for a loss that is rank-local on purpose.
+        overlap_chunks: head groups per rank whose all-to-alls overlap attention
+            (see :func:`~lightning_ulysses.apply_ulysses`).
+        save_distributed_checkpoint: ``True`` writes a sharded (DCP) checkpoint folder; ``False``
+            gathers one full checkpoint file on rank 0.
+        process_group_backend: ``"nccl"``/``"gloo"``; default by device.
+        timeout: timeout of every process group, the mesh's SP and DP groups included.
+        debug_skip_attention: **debug only, wrong results**: as in :class:`UlyssesFabricStrategy`.
     """
 
     def __init__(
@@ -199,17 +229,22 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         reduce_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         reshard_after_forward: bool = True,
+        activation_checkpointing: bool = False,
+        offload_activations: bool = False,
         check_batches: bool = True,
         check_loss: bool = True,
         overlap_chunks: int = 1,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        debug_skip_attention: bool = False,
     ) -> None:
         super().__init__(parallelize_fn=self._parallelize, save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
         self._init_sharding(sharding, param_dtype, reduce_dtype, reshard_after_forward)
-        self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss)
+        self._init_checkpointing(activation_checkpointing, offload_activations)
+        self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
+                           debug_skip_attention=debug_skip_attention)
 
     @override
     def _configure_launcher(self) -> None:
@@ -228,6 +263,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
     @override
     def teardown(self) -> None:
         self._remove_ulysses()
+        self._remove_checkpointing()
         # Fabric's ModelParallelStrategy.teardown ends by tearing down its checkpoint_io, a property that
         # raises NotImplementedError for this strategy (Lightning 2.6); the rest of it:
         assert self.cluster_environment is not None and self.accelerator is not None
@@ -237,6 +273,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
 
     def _parallelize(self, module: nn.Module, mesh: Any) -> nn.Module:
         self._apply_to(module)
+        self._checkpoint_layers(module)
         self._shard(module)
         return module
 

@@ -59,6 +59,25 @@ class FSDPShardingMixin:
         self._reduce_dtype = reduce_dtype
         self._reshard_after_forward = reshard_after_forward
 
+    def _init_checkpointing(self, activation_checkpointing: bool, offload_activations: bool) -> None:
+        if offload_activations and not activation_checkpointing:
+            raise ValueError("offload_activations offloads the checkpointed layer inputs: set activation_checkpointing=True.")
+        self._activation_checkpointing = activation_checkpointing
+        self._offload_activations = offload_activations
+        self._ac_handles: list[CheckpointHandle] = []
+
+    def _checkpoint_layers(self, module: nn.Module) -> None:
+        """Checkpoint every decoder layer of the HF models in ``module``, once (a later stage or a second
+        ``setup`` keeps the first handles); called before the layers are sharded."""
+        if self._activation_checkpointing and not self._ac_handles:
+            self._ac_handles = [checkpoint_decoder_layers(m, offload=self._offload_activations)
+                                for m in find_hf_models(module)]
+
+    def _remove_checkpointing(self) -> None:
+        for handle in self._ac_handles:
+            handle.remove()
+        self._ac_handles = []
+
     def _shard_mesh(self) -> DeviceMesh:
         if self._sharding == "hybrid":
             return self._dims.mesh  # 2D: replicate over "dp", shard over "sp"
@@ -167,12 +186,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
         self._init_sharding(sharding, param_dtype, reduce_dtype, reshard_after_forward)
-        if offload_activations and not activation_checkpointing:
-            raise ValueError("offload_activations offloads the checkpointed layer inputs: set activation_checkpointing=True.")
-        self._activation_checkpointing = activation_checkpointing
-        self._offload_activations = offload_activations
+        self._init_checkpointing(activation_checkpointing, offload_activations)
         self._offload_params = offload_params
-        self._ac_handles: list[CheckpointHandle] = []
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention)
 
@@ -203,9 +218,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
             )
         self._check_precision()
         self._apply_ulysses(self.lightning_module)
-        if self._activation_checkpointing and not self._ac_handles and trainer.state.fn == TrainerFn.FITTING:
-            self._ac_handles = [checkpoint_decoder_layers(m, offload=self._offload_activations)
-                                for m in find_hf_models(self.lightning_module)]
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._checkpoint_layers(self.lightning_module)
         self._shard(self.lightning_module)
         # FSDP2's CPU offload wants the sharded parameters materialised in host memory
         _materialize_distributed_module(self.model, torch.device("cpu") if self._offload_params else self.root_device)
@@ -248,9 +262,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
     @override
     def teardown(self) -> None:
         self._remove_ulysses()
-        for handle in self._ac_handles:
-            handle.remove()
-        self._ac_handles = []
+        self._remove_checkpointing()
         super().teardown()
 
     @override
