@@ -10,9 +10,9 @@ exchange) — or raises :class:`UnsupportedModelError` naming the module and the
 The rules look at structure (module types, parameters, what each ``forward`` calls), not at a list
 of architectures, so a new model built from known parts is handled without a code change:
 
-* attention must be dispatched through transformers' ``AttentionInterface`` (the model class
-  declares ``_supports_attention_backend``; each attention module's ``forward`` looks its backend
-  up in ``ALL_ATTENTION_FUNCTIONS``);
+* attention must be dispatched through transformers' ``AttentionInterface`` (each attention
+  module's ``forward`` looks its backend up in ``ALL_ATTENTION_FUNCTIONS``; a model class from
+  outside transformers must also declare ``_supports_attention_backend``);
 * any other token mixer — a convolution over the sequence, a scan or recurrence, attention or
   linear attention computed inline, an FFT — must have an SP implementation in
   :mod:`lightning_ulysses.mixers`, else the model is refused;
@@ -158,8 +158,12 @@ def _objective(model: nn.Module) -> Objective | None:
     from transformers.models.auto import modeling_auto as auto
 
     name = type(model).__name__
-    causal = name in set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    masked = name in set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+    causal_names = set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    masked_names = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+    # the nearest registered class in the MRO: a user's subclass has the head of its parent
+    known = next((c.__name__ for c in type(model).__mro__ if c.__name__ in causal_names | masked_names), name)
+    causal = known in causal_names
+    masked = known in masked_names
     if causal and masked:  # one class registered for both heads: its config decides
         causal = bool(getattr(model.config, "is_decoder", False) or getattr(model.config, "causal", False))
         masked = not causal
@@ -246,7 +250,41 @@ def _token_mixer_reason(module: nn.Module) -> str | None:
     return None
 
 
+_DEFAULT_POSITIONS = re.compile(r"^(?P<indent>[ \t]*)if position_ids is None:[^\n]*\n", re.M)
+
+
+def _default_positions_block(src: str) -> str | None:
+    """The body of the first ``if position_ids is None:`` in ``src`` (what the module does when it is
+    not given positions), ``None`` if it has no such block."""
+    m = _DEFAULT_POSITIONS.search(src)
+    if m is None:
+        return None
+    body = []
+    for line in src[m.end():].splitlines():
+        if line.strip() and len(line) - len(line.lstrip()) <= len(m.group("indent")):
+            break
+        body.append(line)
+    return "\n".join(body)
+
+
 def _positions(model: nn.Module) -> tuple[Positions, int | None]:
+    """How the model derives the positions it is not given.
+
+    The first module, parents before children (the order their forwards run in), whose forward
+    fills in missing ``position_ids`` decides: submodules below it receive positions and never use
+    their own fallback (BioGPT's base model fills in ``arange`` although its position embedding
+    could derive positions from the mask). Without any such block, any module deriving positions
+    from ``input_ids`` or from the mask decides.
+    """
+    for sub in model.modules():
+        block = _default_positions_block(_forward_source(sub))
+        if block is None:
+            continue
+        if "create_position_ids_from_input_ids" in block:
+            return "from_input_ids", getattr(sub, "padding_idx", None)
+        if _derives_positions_from_mask(block):
+            return "from_mask", None
+        return "arange", None
     for sub in model.modules():
         if "create_position_ids_from_input_ids" in _forward_source(sub):
             return "from_input_ids", getattr(sub, "padding_idx", None)
@@ -395,10 +433,14 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             f"{name} does not dispatch its attention through transformers' AttentionInterface, so Ulysses cannot "
             "shard it; this model is not supported."
         )
-    if not getattr(type(model), "_supports_attention_backend", False) and not plan.mixers:
+    # transformers' own models are checked module by module above and, for the installed version,
+    # by the support matrix; code from elsewhere (trust_remote_code) must also declare the flag.
+    if not getattr(type(model), "_supports_attention_backend", False) and not plan.mixers \
+            and not type(model).__module__.startswith("transformers.models."):
         raise UnsupportedModelError(
             f"{name} does not declare support for transformers' attention backends (_supports_attention_backend), "
-            "so not all of its attention goes through the AttentionInterface Ulysses replaces; not supported."
+            "so not all of its attention may go through the AttentionInterface Ulysses replaces; not supported "
+            "for models outside transformers."
         )
     if "position_ids" not in inspect.signature(base.forward).parameters:
         raise UnsupportedModelError(

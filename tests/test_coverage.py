@@ -23,6 +23,7 @@ EXACT_CASES = [
     ("gpt_oss", "causal", "GptOssForCausalLM"),  # attention sinks (per-head parameters)
     ("modernbert", "masked", "ModernBertForMaskedLM"),  # encoder, two-sided local windows, MLM loss
     ("opt", "causal", "OPTForCausalLM"),  # positions derived from the (left-)padding mask
+    ("biogpt", "causal", "BioGptForCausalLM"),  # arange, although its position embedding could use the mask
     ("roberta", "masked", "RobertaForMaskedLM"),  # positions derived from the padding token
     ("gpt_bigcode", "causal", "GPTBigCodeForCausalLM"),  # module head layout differs from the config's
     ("phimoe", "causal", "PhimoeForCausalLM"),  # sliding window only in the model's mask
@@ -146,6 +147,31 @@ def test_refused_before_any_forward(arch, cls, words):
         analyse_model(model, 2)
     assert not calls
     assert re.search(words, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("arch,cls,positions", [
+    ("llama", "LlamaForCausalLM", "arange"),
+    ("opt", "OPTForCausalLM", "from_mask"),  # the decoder fills in positions from the mask
+    ("biogpt", "BioGptForCausalLM", "arange"),  # the base model fills in arange before the embedding's fallback
+    ("roberta", "RobertaForMaskedLM", "from_input_ids"),
+])
+def test_positions_follow_the_first_fallback_that_runs(arch, cls, positions):
+    assert analyse_model(build_tiny(arch, cls, dtype=torch.float32), 2).positions == positions
+
+
+def test_models_outside_transformers_must_declare_attention_backends():
+    from transformers import StableLmForCausalLM
+
+    model = build_tiny("stablelm", "StableLmForCausalLM", dtype=torch.float32)
+    assert not getattr(StableLmForCausalLM, "_supports_attention_backend", False)
+    analyse_model(model, 2)  # transformers' own class: checked module by module (and exact in the matrix)
+
+    class RemoteModel(StableLmForCausalLM):  # as if loaded with trust_remote_code (the head is its parent's)
+        pass
+
+    remote = RemoteModel(model.config)
+    with pytest.raises(UnsupportedModelError, match="_supports_attention_backend.*outside transformers"):
+        analyse_model(remote, 2)
 
 
 def _moe_with_foreign_aux_loss():
