@@ -641,6 +641,28 @@ def test_tiled_loss_grads_taken_in_forward(case: str) -> None:
             _assert_grads(got[name], g, name)
 
 
+def test_tiled_loss_hands_its_gradients_over_once() -> None:
+    """Backward scales the gradients taken in forward in place and gives autograd those buffers (the
+    parameter's .grad is the stored buffer itself: no second LM-head- or hidden-sized copy at the peak);
+    a second backward through the same loss is refused, not silently given already-scaled gradients."""
+    h, head, labels = _loss_case(2, 11)
+    loss_sum, n_valid = tiled_causal_lm_loss_sum(h, head, labels, 3)
+    node = loss_sum.grad_fn  # the autograd Function's ctx
+    ptrs = (node.grads[0].data_ptr(), node.grads[1][0].data_ptr())  # no reference kept: autograd may take them
+    loss = loss_sum * 0.37
+    loss.backward(retain_graph=True)
+    assert (h.grad.data_ptr(), head.weight.grad.data_ptr()) == ptrs
+    assert node.grads is None
+    with pytest.raises(RuntimeError, match="second backward through the same loss"):
+        loss.backward()
+    got_h, got_w = h.grad, head.weight.grad
+    h.grad = head.weight.grad = None
+    ref = F.cross_entropy(head(h).flatten(0, 1), labels.flatten(), reduction="sum") * 0.37
+    ref.backward()
+    _assert_grads(got_w, head.weight.grad, "lm_head.weight")
+    _assert_grads(got_h, h.grad, "hidden_states")
+
+
 def test_tiled_loss_float16_recomputes_in_backward() -> None:
     """float16 gradients must see the loss scale (the upstream gradient) while they are formed: the tiled
     loss then recomputes each tile in backward rather than differentiating it unscaled in forward."""

@@ -52,24 +52,30 @@ class _LossSumGradsInForward(torch.autograd.Function):
                     it = iter(grads)
                     grad_p = [_accumulate(acc, next(it)) if need else acc for acc, need in zip(grad_p, need_p)]
                 total += loss.detach().float()
-        ctx.has_h = grad_h is not None
+        # Kept on ctx, not saved for backward: they are intermediates that backward hands to autograd
+        # after scaling them in place, so the step never holds a second hidden- or LM-head-sized copy.
+        ctx.grads = (grad_h, grad_p)
         ctx.dtypes = [p.dtype for p in params]
-        ctx.has_p = [g is not None for g in grad_p]
-        ctx.save_for_backward(*([grad_h] if ctx.has_h else []), *(g for g in grad_p if g is not None))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the tiled LM loss takes its gradients in forward and hands them over at the first backward; a "
+                "second backward through the same loss (retain_graph=True) is not supported: compute the loss again."
+            )
+        (grad_h, stored), ctx.grads = ctx.grads, None
         # A 0-dim float32 factor keeps each stored gradient's dtype and multiplies in float32 internally.
-        grad_h = next(saved) * grad_output if ctx.has_h else None
+        if grad_h is not None:
+            grad_h.mul_(grad_output)
         grad_p: list[torch.Tensor | None] = []
-        for has, dtype in zip(ctx.has_p, ctx.dtypes):
-            if not has:
-                grad_p.append(None)
-                continue
-            acc = next(saved)  # float32 for low-precision parameters: written straight into their dtype
-            grad_p.append(torch.mul(acc, grad_output, out=torch.empty_like(acc, dtype=dtype)))
+        for acc, dtype in zip(stored, ctx.dtypes):
+            if acc is not None and acc.dtype == dtype:
+                acc.mul_(grad_output)
+            elif acc is not None:  # float32 sums of low-precision parameters: written straight into their dtype
+                acc = torch.mul(acc, grad_output, out=torch.empty_like(acc, dtype=dtype))
+            grad_p.append(acc)
         return (None, None, grad_h, None, *grad_p)
 
 
