@@ -30,7 +30,8 @@ from its two longest measured lengths (the cap and half of it for rows that fit 
 
 ``--debug-skip-attention`` searches the tiled configurations with ``apply_ulysses(...,
 debug_skip_attention=True)``: every attention layer but the last skips its O(s^2) computation (the
-exchanges still run; the last layer still allocates attention's transient memory), so their limit is
+exchanges still run; a skipped layer keeps what a linear-memory kernel keeps for backward, and the
+last layer still allocates attention's transient memory), so their limit is
 measured up to ``--debug-max-local-seq`` tokens per rank instead of extrapolated from the CPU cap.
 Only the search uses it; the fixed-length table always runs real attention.
 

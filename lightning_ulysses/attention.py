@@ -313,15 +313,37 @@ def _backend_call(backend: str, module: nn.Module, mask: Any, kwargs: dict[str, 
     return attend
 
 
-def _debug_skipped_attention(q: Tensor, k: Tensor, v: Tensor, kv_groups: int) -> Tensor:
-    """Debug stand-in for the backend: the values of each query head's KV head, ``[b, s, heads, d_v]``.
+class _SkippedAttention(torch.autograd.Function):
+    """Debug stand-in for the backend (see :func:`_debug_skipped_attention`)."""
 
-    Shaped like attention's output and connected to q, k and v (a zero-weighted term), so every
-    projection still gets a gradient (DDP would otherwise find unused parameters); the O(s^2) work
-    and its temporaries are skipped. Never a result to train on.
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kv_groups: int) -> Tensor:
+        out = v.repeat_interleave(kv_groups, dim=1)
+        # What flash / memory-efficient kernels keep for backward: q, k, v, the output and the
+        # float32 softmax statistics [b, heads, s]; so a skipped layer holds the memory of a real one.
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kv_groups = kv_groups
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, _, _ = ctx.saved_tensors
+        grad_v = grad_out.unflatten(1, (v.shape[1], ctx.kv_groups)).sum(2)
+        return torch.zeros_like(q), torch.zeros_like(k), grad_v, None
+
+
+def _debug_skipped_attention(q: Tensor, k: Tensor, v: Tensor, kv_groups: int) -> Tensor:
+    """Debug stand-in for the backend: the values of each query head's KV head, ``[b, s, heads, d_v]``
+    from ``q``/``k``/``v`` ``[b, heads, s, d]``.
+
+    Skips the O(s^2) work and its temporaries but keeps what a linear-memory kernel (flash, sdpa's
+    memory-efficient path) keeps for backward — q, k, v, the output and the softmax statistics —
+    and returns gradients of their shapes (zeros for q and k), so a skipped layer holds a real
+    layer's memory and every projection still gets a gradient (DDP finds no unused parameters).
+    Never a result to train on.
     """
-    out = v.repeat_interleave(kv_groups, dim=1) + (q.sum() + k.sum()) * 0
-    return out.transpose(1, 2)
+    return _SkippedAttention.apply(q, k, v, kv_groups).transpose(1, 2)
 
 
 def _overlapped_attention(

@@ -1,8 +1,9 @@
 """The debug mode ``debug_skip_attention``: which layer still attends, and the warning that says so.
 
 With it every attention layer but the last skips its attention computation (the all-to-alls still
-run), so a configuration's memory limit is found quickly: the attention kernels hold only transient
-memory, which the last layer still allocates, while their O(s^2) time dominates long sequences.
+run), so a configuration's memory limit is found quickly: a skipped layer keeps what a linear-memory
+kernel keeps for backward (q, k, v, output, softmax statistics), the kernels' transient memory is
+still allocated by the last layer, and their O(s^2) time, which dominates long sequences, is gone.
 The results are wrong; it is never on by default.
 """
 

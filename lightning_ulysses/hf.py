@@ -379,10 +379,10 @@ def apply_ulysses(
             beside compute (NCCL streams). Must divide ``num_attention_heads / sp`` so that groups
             share whole KV heads; the error lists the valid values.
         debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
-            its attention computation (the exchanges still run, and a stand-in of the right shape
-            keeps every projection in the graph), so that the memory limit of a configuration — the
-            longest sequence that fits — is found in a fraction of the time; the last layer still
-            computes attention, so its transient peak counts. Warns when applied.
+            its attention computation (the exchanges still run; a stand-in keeps what a linear-memory
+            kernel keeps for backward and every projection in the graph), so that the memory limit of
+            a configuration — the longest sequence that fits — is found in a fraction of the time;
+            the last layer still computes attention, so its transient peak counts. Warns when applied.
 
     Raises:
         UnsupportedModelError: the model cannot run exactly under SP (README, "Supported models"):

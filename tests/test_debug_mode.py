@@ -71,3 +71,34 @@ def test_strategy_trains_in_debug_mode_and_warns():
 def test_debug_mode_is_off_by_default():
     for fn in (apply_ulysses, UlyssesStrategy, UlyssesFSDPStrategy):
         assert inspect.signature(fn).parameters["debug_skip_attention"].default is False
+
+
+def test_a_skipped_layer_keeps_what_attention_keeps_for_backward():
+    """The stand-in holds the memory a linear-memory kernel holds between forward and backward (q, k,
+    v, output, softmax statistics: here the same tensors as sdpa with GQA), so a limit measured with
+    skipped layers is the limit with real ones; gradients keep their shapes."""
+    import torch.nn.functional as F
+
+    from lightning_ulysses.attention import _debug_skipped_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 64, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+
+    def saved_by(fn):
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return sorted(saved, key=str), out
+
+    skipped, out = saved_by(lambda: _debug_skipped_attention(q, k, v, 2))
+    real, ref = saved_by(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    assert skipped == real
+    assert out.shape == ref.transpose(1, 2).shape == (2, 64, 4, 8)
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
+    assert torch.equal(v.grad, torch.full_like(v, 2.0))  # each KV head serves two query heads
