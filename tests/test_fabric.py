@@ -51,6 +51,9 @@ def _fabric_loop(rank, world, name, ckpt_dir):
                     mesh=tuple(fabric.strategy.device_mesh.mesh.shape),
                     group_active=current_sp_group() is fabric.strategy.sp_group,
                     checkpointed=[_checkpointed(layer) for layer in model.module.model.layers])
+    if name == "fsdp-ckpt":  # a second module set up later (a frozen reference) is checkpointed too
+        reference = fabric.setup_module(tiny_model("llama", 4, 2).requires_grad_(False))
+        info["checkpointed"] += [_checkpointed(layer) for layer in reference.module.model.layers]
     # Every run holds batch 0 back (same data after it). Under SP, a loss from this rank's chunk alone
     # is refused at the first backward.
     batches = iter(loader)

@@ -64,19 +64,21 @@ class FSDPShardingMixin:
             raise ValueError("offload_activations offloads the checkpointed layer inputs: set activation_checkpointing=True.")
         self._activation_checkpointing = activation_checkpointing
         self._offload_activations = offload_activations
-        self._ac_handles: list[CheckpointHandle] = []
+        self._ac_handles: dict[int, CheckpointHandle] = {}  # id(HF model) -> its undo
 
     def _checkpoint_layers(self, module: nn.Module) -> None:
-        """Checkpoint every decoder layer of the HF models in ``module``, once (a later stage or a second
-        ``setup`` keeps the first handles); called before the layers are sharded."""
-        if self._activation_checkpointing and not self._ac_handles:
-            self._ac_handles = [checkpoint_decoder_layers(m, offload=self._offload_activations)
-                                for m in find_hf_models(module)]
+        """Checkpoint every decoder layer of each HF model in ``module`` not checkpointed yet (a later
+        stage, or Fabric setting up a second module, wraps nothing twice); called before sharding."""
+        if not self._activation_checkpointing:
+            return
+        for model in find_hf_models(module):
+            if id(model) not in self._ac_handles:
+                self._ac_handles[id(model)] = checkpoint_decoder_layers(model, offload=self._offload_activations)
 
     def _remove_checkpointing(self) -> None:
-        for handle in self._ac_handles:
+        for handle in self._ac_handles.values():
             handle.remove()
-        self._ac_handles = []
+        self._ac_handles = {}
 
     def _shard_mesh(self) -> DeviceMesh:
         if self._sharding == "hybrid":
