@@ -66,9 +66,9 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_ulysses import apply_ulysses
-from lightning_ulysses.comm import LAUNCH_LABEL, PROFILE_LABEL, heads_from_sequence
-from lightning_ulysses.data import shard_batch
-from lightning_ulysses.mixers.common import MIXER_LABEL
+from lightning_ulysses.parallel.comm import LAUNCH_LABEL, PROFILE_LABEL, heads_from_sequence
+from lightning_ulysses.lightning.data import shard_batch
+from lightning_ulysses.models.mixers.common import MIXER_LABEL
 
 LAYOUTS = {"MHA": 8, "GQA": 2, "MQA": 1}  # KV heads of an 8-head model
 # the functional op of the default path, the c10d op of the overlapped (asynchronous) path

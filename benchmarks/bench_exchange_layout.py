@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_ulysses.comm import heads_from_sequence, sequence_from_heads  # noqa: E402
+from lightning_ulysses.parallel.comm import heads_from_sequence, sequence_from_heads  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 
 

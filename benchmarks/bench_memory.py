@@ -54,9 +54,10 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses
-from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
-from lightning_ulysses.data import shard_batch
-from lightning_ulysses.tiling import apply_tiled_loss, tile_mlps
+from lightning_ulysses.lightning.activation_checkpointing import checkpoint_decoder_layers
+from lightning_ulysses.lightning.data import shard_batch
+from lightning_ulysses.losses.tiled_hf_loss import apply_tiled_loss
+from lightning_ulysses.tiling import tile_mlps
 
 CONFIGS = {
     "plain": (False, False),

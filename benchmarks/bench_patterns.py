@@ -88,9 +88,9 @@ def pattern_name(kind: str, arg: float) -> str:
 def _attention_worker(spec: dict) -> dict:
     import torch
 
-    from lightning_ulysses.attention import _backend_call
-    from lightning_ulysses.masks import SequenceMetadata
-    from lightning_ulysses.segments import attention_paths, dense_masks, plan_segments
+    from lightning_ulysses.parallel.attention import _backend_call
+    from lightning_ulysses.parallel.masks import SequenceMetadata
+    from lightning_ulysses.parallel.segments import attention_paths, dense_masks, plan_segments
 
     torch.set_num_threads(1)
     seq, kind, arg, path = spec["seq"], spec["kind"], spec["arg"], spec["path"]
@@ -173,7 +173,7 @@ def _step_worker(rank: int, world: int, cfg: dict, batch: dict, window: int | No
 
     import _common
     from lightning_ulysses import UlyssesStrategy
-    from lightning_ulysses.segments import dense_masks
+    from lightning_ulysses.parallel.segments import dense_masks
 
     class LM(pl.LightningModule):
         def __init__(self) -> None:

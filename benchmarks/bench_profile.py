@@ -4,7 +4,7 @@ One training step (forward + backward, after ``--warmup`` unprofiled steps) of t
 ``bench_step.py`` runs with ``apply_ulysses`` on ``sp`` gloo processes under
 ``torch.profiler.profile`` (CPU activity, no shapes). Time is attributed on each rank's main thread:
 
-* **all-to-all fwd**: the ``ulysses/all_to_all`` ranges (``lightning_ulysses.comm``): the exchange
+* **all-to-all fwd**: the ``ulysses/all_to_all`` ranges (``lightning_ulysses.parallel.comm``): the exchange
   including waiting for the slowest peer (the copies that pack the send buffers count as rest);
 * **all-to-all bwd**: the autograd nodes of the inverse exchanges
   (``autograd::engine::evaluate_function: ...all_to_all_single...Backward``): the library's
@@ -44,9 +44,9 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_ulysses import apply_ulysses
-from lightning_ulysses.comm import LAUNCH_LABEL, PROFILE_LABEL, WAIT_LABEL
-from lightning_ulysses.data import shard_batch
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.parallel.comm import LAUNCH_LABEL, PROFILE_LABEL, WAIT_LABEL
+from lightning_ulysses.lightning.data import shard_batch
+from lightning_ulysses.parallel.mesh import build_mesh
 
 ATTN_LABEL = "ulysses/attention/"
 ENGINE = "autograd::engine::evaluate_function: "

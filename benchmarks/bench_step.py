@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses  # noqa: F401  (imported before forking)
-from lightning_ulysses.data import shard_batch
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.lightning.data import shard_batch
+from lightning_ulysses.parallel.mesh import build_mesh
 
 
 def _plain_worker(rank: int, world: int, cfg: dict, seq: int, warmup: int, warmup_seq: int, steps: int) -> dict:

@@ -45,7 +45,8 @@ def _worker(spec: dict) -> dict:
     from torch import nn
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lightning_ulysses.tiling import TiledMLP, sequence_tiled_compute, tiled_causal_lm_loss_sum
+    from lightning_ulysses.losses.tiled_lm_loss import tiled_causal_lm_loss_sum
+    from lightning_ulysses.tiling import TiledMLP, sequence_tiled_compute
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -138,7 +138,7 @@ def shapes(dry_run: bool) -> Shapes:
 
 
 def resolve(name: str, modules: tuple[str, ...] = ("lightning_ulysses",
-                                                   "lightning_ulysses.activation_checkpointing",
+                                                   "lightning_ulysses.lightning.activation_checkpointing",
                                                    "lightning_ulysses.checkpointing")) -> Any:
     """``name`` from the first of ``modules`` that has it: the package's public API first, then where
     older or newer layouts keep it, so the script survives the package being reorganised."""

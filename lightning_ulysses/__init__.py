@@ -1,17 +1,24 @@
-"""lightning-ulysses: Ulysses sequence parallelism for HuggingFace models in PyTorch Lightning."""
+"""lightning-ulysses: Ulysses sequence parallelism for HuggingFace models in PyTorch Lightning.
 
-from .callbacks import TiledLossCallback
-from .comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
-from .coverage import UnsupportedModelError
-from .data import shard_batch
-from .hf import UlyssesHandle, apply_ulysses
-from .metrics import PositionalLoss, PositionalLossCallback
-from .objectives import (current_sp_group, is_sp_reduced, sp_gather_tokens, sp_num_valid_tokens, sp_sequence_sum,
-                         sp_shift_labels, sp_token_mean, token_logprobs)
-from .packing import PackedDataset, PackingCollator, pack_documents
-from .strategies import UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
-from .throughput import UlyssesThroughputMonitor
-from .tiling import SequenceTiledCompute, TiledMLP, apply_tiled_loss, sequence_tiled_compute, tile_mlps
+The package is layered along the data path, one subpackage per layer (each says what it owns):
+:mod:`.parallel` (mesh, collectives, attention), :mod:`.models` (what is done to a model),
+:mod:`.losses` (exact objectives), :mod:`.tiling` (tiled compute) and :mod:`.lightning`
+(strategies, callbacks, data). Commands: ``python -m lightning_ulysses.convert_checkpoint``.
+"""
+
+from .lightning.callbacks import TiledLossCallback
+from .lightning.data import shard_batch
+from .lightning.metrics import PositionalLoss, PositionalLossCallback
+from .lightning.packing import PackedDataset, PackingCollator, pack_documents
+from .lightning.strategies import UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
+from .lightning.throughput import UlyssesThroughputMonitor
+from .losses.objectives import (current_sp_group, is_sp_reduced, sp_gather_tokens, sp_num_valid_tokens,
+                                sp_sequence_sum, sp_shift_labels, sp_token_mean, token_logprobs)
+from .losses.tiled_hf_loss import apply_tiled_loss
+from .models.analysis import UnsupportedModelError
+from .models.apply import UlyssesHandle, apply_ulysses
+from .parallel.comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
+from .tiling import SequenceTiledCompute, TiledMLP, sequence_tiled_compute, tile_mlps
 
 __all__ = [
     "PackedDataset",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
+from lightning_ulysses.lightning.activation_checkpointing import checkpoint_decoder_layers
 from tests.distributed import assert_close_rel
 from tests.models import tiny_model, tokens
 

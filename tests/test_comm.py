@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_ulysses.comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.parallel.comm import gather_sequence, heads_from_sequence, sequence_from_heads, sum_over_group
+from lightning_ulysses.parallel.mesh import build_mesh
 from tests.distributed import run_distributed
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.lightning.activation_checkpointing import checkpoint_decoder_layers
+from lightning_ulysses.parallel.mesh import build_mesh
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import tiny_model, tokens
 
@@ -223,7 +223,7 @@ def test_bad_layouts_and_inputs_raise(case):
 def test_backend_sees_its_own_name_and_local_groups():
     """HF's flash path picks its kernel from module.config._attn_implementation: under the patch the
     backend must see e.g. 'flash_attention_2', not the Ulysses name, and the local GQA group count."""
-    from lightning_ulysses.attention import _LocalHeadsView
+    from lightning_ulysses.parallel.attention import _LocalHeadsView
 
     model = tiny_model("llama", 8, 2)
     attn = model.model.layers[0].self_attn

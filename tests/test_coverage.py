@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.coverage import UnsupportedModelError, analyse_model
+from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_model
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.zoo.check import _call, _inputs, classify
 from tests.zoo.configs import build_tiny
@@ -31,7 +31,7 @@ EXACT_CASES = [
 
 
 def _classify(rank, world, sp, cases):
-    from lightning_ulysses.mesh import build_mesh
+    from lightning_ulysses.parallel.mesh import build_mesh
 
     dims = build_mesh("cpu", sp)
     return [classify(arch, head, cls, dims.sp_group) for arch, head, cls in cases]
@@ -49,7 +49,7 @@ def test_each_class_is_exact(sp):
 
 def _moe_gate_gradients(rank, world, sp):
     """The router gates' gradient (not only the loss) equals the non-SP one, as a ratio."""
-    from lightning_ulysses.mesh import build_mesh
+    from lightning_ulysses.parallel.mesh import build_mesh
 
     dims = build_mesh("cpu", sp)
     kw = dict(dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=0.5)

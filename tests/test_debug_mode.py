@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_ulysses import UlyssesFSDPStrategy, UlyssesStrategy, apply_ulysses, shard_batch
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.parallel.mesh import build_mesh
 from tests.distributed import run_distributed
 from tests.lightning_setup import LM, Samples, loader, trainer_kwargs
 from tests.models import tiny_model, tokens
@@ -79,7 +79,7 @@ def test_a_skipped_layer_keeps_what_attention_keeps_for_backward():
     skipped layers is the limit with real ones; gradients keep their shapes."""
     import torch.nn.functional as F
 
-    from lightning_ulysses.attention import _debug_skipped_attention
+    from lightning_ulysses.parallel.attention import _debug_skipped_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 64, 8, generator=g, requires_grad=True) for h in (4, 2, 2))

@@ -150,8 +150,8 @@ def test_fabric_strategies_validate_world_and_registry():
 def test_fabric_loader_checks_and_drops_fingerprints():
     from torch.utils.data import default_collate
 
-    from lightning_ulysses.data import FINGERPRINT_KEY, ShardingCollate
-    from lightning_ulysses.strategies.fabric import _CheckedLoader
+    from lightning_ulysses.lightning.data import FINGERPRINT_KEY, ShardingCollate
+    from lightning_ulysses.lightning.strategies.fabric import _CheckedLoader
 
     seen = []
     loader = DataLoader(Samples(2, 8), batch_size=1, collate_fn=ShardingCollate(default_collate, 0, 2))

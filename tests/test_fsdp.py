@@ -252,7 +252,7 @@ def test_fsdp_offload_params_matches_reference():
 def test_offload_params_wiring_for_cuda():
     """What only a GPU run exercises, checked without one: pinned host memory, host-capable collectives
     (the gradient norm of host gradients), and the buffers (not the parameters) moved to the device."""
-    from lightning_ulysses.strategies.fsdp import OFFLOAD_BACKEND, move_buffers, offload_policy
+    from lightning_ulysses.lightning.strategies.fsdp import OFFLOAD_BACKEND, move_buffers, offload_policy
 
     cuda = torch.device("cuda", 0)
     strategy = UlyssesFSDPStrategy(sp=1, offload_params=True)

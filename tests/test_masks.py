@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.masks import SequenceMetadata, document_ids, varlen_kwargs
-from lightning_ulysses.mesh import build_mesh
-from lightning_ulysses.segments import SEGMENT_BACKENDS, attention_paths, dense_masks
+from lightning_ulysses.parallel.masks import SequenceMetadata, document_ids, varlen_kwargs
+from lightning_ulysses.parallel.mesh import build_mesh
+from lightning_ulysses.parallel.segments import SEGMENT_BACKENDS, attention_paths, dense_masks
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import tiny_model, tokens
 

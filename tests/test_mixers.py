@@ -20,13 +20,13 @@ import transformers
 from packaging.version import Version
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.mesh import build_mesh
-from lightning_ulysses.mixers import refusal_reason, sp_mixer_for
+from lightning_ulysses.parallel.mesh import build_mesh
+from lightning_ulysses.models.mixers import refusal_reason, sp_mixer_for
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import VOCAB, tokens
 
 WORLD = 4
-# The mixer forms lightning_ulysses.mixers recognises were read from this transformers release (the
+# The mixer forms lightning_ulysses.models.mixers recognises were read from this transformers release (the
 # one constraints.txt pins). An older one (the minimum-versions CI leg) may lack a model or give its
 # mixer another form; that mixer must then be refused with a reason, never run inexactly.
 FORMS_FROM = Version("5.23")
@@ -344,7 +344,7 @@ def test_remove_restores_and_bypass_runs_plain(family):
 
 def _checkpointed(rank, world, family):
     """Activation checkpointing re-runs the mixers (and their exchanges) in backward: same gradients."""
-    from lightning_ulysses.activation_checkpointing import checkpoint_decoder_layers
+    from lightning_ulysses.lightning.activation_checkpointing import checkpoint_decoder_layers
 
     batch, _ = _case("packed")
     grads = []
@@ -371,9 +371,9 @@ def test_activation_checkpointing(family):
 
 
 def test_model_valid_sp_and_calls_outside_an_sp_forward():
-    from lightning_ulysses.context import ForwardContext
-    from lightning_ulysses.masks import SequenceMetadata
-    from lightning_ulysses.mixers import mixers_valid_sp
+    from lightning_ulysses.models.context import ForwardContext
+    from lightning_ulysses.parallel.masks import SequenceMetadata
+    from lightning_ulysses.models.mixers import mixers_valid_sp
 
     if not (exact_here("bamba") and exact_here("qwen3_next")):
         return
@@ -433,7 +433,7 @@ def test_low_precision_matches_non_sp(family):
 def test_per_document_batches_short_documents_exactly():
     """Short documents share right-padded batched calls, long ones run alone: both equal one call per
     document for a causal kernel (here a decaying running sum, batch on dim 0, sequence on dim 2)."""
-    from lightning_ulysses.mixers.common import SOLO_MIN_LEN, per_document
+    from lightning_ulysses.models.mixers.common import SOLO_MIN_LEN, per_document
 
     def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [b, c, s], [b, s] -> [b, c, s]
         state, outs = torch.zeros_like(x[..., 0]), []

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.attention import HeadLayout
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.parallel.attention import HeadLayout
+from lightning_ulysses.parallel.mesh import build_mesh
 from tests.distributed import run_distributed
 from tests.models import tiny_model, tokens
 from tests.test_core import WORLD, _parity
@@ -49,7 +49,7 @@ def _in_flight(rank, world, heads, kv, chunks, layers):
     """How many exchanges are moving while each head group's attention runs, forward and backward."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from lightning_ulysses import comm
+    from lightning_ulysses.parallel import comm
 
     pending = []
     init = comm.PendingExchanges.__init__

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lightning_ulysses import apply_ulysses, shard_batch
-from lightning_ulysses.packing import PackedDataset, PackingCollator, pack_documents
+from lightning_ulysses.lightning.packing import PackedDataset, PackingCollator, pack_documents
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.models import VOCAB, tiny_model
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ulysses import segments
-from lightning_ulysses.attention import _backend_call
-from lightning_ulysses.masks import SequenceMetadata
-from lightning_ulysses.segments import attention_paths, dense_masks, plan_segments
+from lightning_ulysses.parallel import segments
+from lightning_ulysses.parallel.attention import _backend_call
+from lightning_ulysses.parallel.masks import SequenceMetadata
+from lightning_ulysses.parallel.segments import attention_paths, dense_masks, plan_segments
 from tests.distributed import assert_close_rel, run_distributed
 from tests.test_masks import packed_positions, random_layout
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_ulysses import UlyssesStrategy
-from lightning_ulysses.data import FINGERPRINT_KEY, ShardingCollate
+from lightning_ulysses.lightning.data import FINGERPRINT_KEY, ShardingCollate
 from tests.distributed import assert_close_rel, run_distributed
 from tests.lightning_setup import LM, Samples, loader, reference_eval, reference_fit, trainer_kwargs
 

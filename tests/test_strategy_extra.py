@@ -120,7 +120,7 @@ def test_sp_peers_with_same_tokens_but_different_labels_raise():
 
 
 def test_fingerprint_covers_every_sharded_tensor():
-    from lightning_ulysses.data import SEQUENCE_KEYS, batch_fingerprint, fingerprint_mismatch
+    from lightning_ulysses.lightning.data import SEQUENCE_KEYS, batch_fingerprint, fingerprint_mismatch
 
     ids = torch.arange(12).view(2, 6)
     batch = {"input_ids": ids, "labels": ids.clone(), "shift_labels": ids.clone(),

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_ulysses import TiledLossCallback, UlyssesFSDPStrategy, UlyssesStrategy, apply_tiled_loss, apply_ulysses
-from lightning_ulysses.mesh import build_mesh
+from lightning_ulysses.parallel.mesh import build_mesh
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.lightning_setup import LM, Samples, loader, reference_fit, trainer_kwargs
 from tests.models import VOCAB, tiny_model, tokens

@@ -18,8 +18,8 @@ from lightning_ulysses.tiling import (
     sequence_tiled_compute,
     tile_bounds,
     tile_mlps,
-    tiled_causal_lm_loss_sum,
 )
+from lightning_ulysses.losses.tiled_lm_loss import tiled_causal_lm_loss_sum
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 
 HIDDEN = 8

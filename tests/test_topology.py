@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_ulysses import UlyssesStrategy
-from lightning_ulysses.mesh import build_mesh, sp_node_span
+from lightning_ulysses.parallel.mesh import build_mesh, sp_node_span
 from tests.distributed import run_distributed
 from tests.lightning_setup import LM, Samples, loader, trainer_kwargs
 

@@ -90,7 +90,7 @@ def _is_random_in_training(model: torch.nn.Module, head: str) -> bool:
 
 def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "padded")) -> Verdict:
     from lightning_ulysses import apply_ulysses, shard_batch
-    from lightning_ulysses.coverage import UnsupportedModelError
+    from lightning_ulysses.models.analysis import UnsupportedModelError
 
     sp = dist.get_world_size(sp_group)
     rank = dist.get_rank(sp_group)

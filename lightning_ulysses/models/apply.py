@@ -1,7 +1,7 @@
 """Apply Ulysses SP to a HuggingFace model in place, reversibly: :func:`apply_ulysses`.
 
-First the model is analysed (:func:`~lightning_ulysses.coverage.analyse_model`): it is either run
-exactly or refused with :class:`~lightning_ulysses.coverage.UnsupportedModelError` before anything
+First the model is analysed (:func:`~lightning_ulysses.models.analysis.analyse_model`): it is either run
+exactly or refused with :class:`~lightning_ulysses.models.analysis.UnsupportedModelError` before anything
 is touched. Then, all of it per model and undone by :meth:`UlyssesHandle.remove`:
 
 * gives the model a private copy of its config (transformers shares one between models);
@@ -34,13 +34,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from .attention import HeadLayout, check_backend, make_ulysses_attention
-from .comm import gather_sequence
-from .coverage import ModelPlan, UnsupportedModelError, analyse_model
+from ..parallel.attention import HeadLayout, check_backend, make_ulysses_attention
+from ..parallel.comm import gather_sequence
+from .analysis import ModelPlan, UnsupportedModelError, analyse_model
 from .context import CONTEXT_KWARG, ForwardContext
 from .debug import debug_attend_layer
-from .loss import causal_lm_loss_sum, shift_labels_full, sp_mean
-from .masks import SequenceMetadata
+from ..losses.sp_loss import causal_lm_loss_sum, shift_labels_full, sp_mean
+from ..parallel.masks import SequenceMetadata
 from .moe import add_to_loss, wants_router_logits, zero_coefficient
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
@@ -209,7 +209,7 @@ class UlyssesHandle:
         elif call.get("labels") is not None and ctx.loss_calls == 0:
             raise RuntimeError(
                 f"{type(self.model).__name__} computed its loss without `self.loss_function`; under SP that loss "
-                "would be a local, wrong value. Call the model without labels and use lightning_ulysses.objectives."
+                "would be a local, wrong value. Call the model without labels and use lightning_ulysses.losses.objectives."
             )
         if aux is not None and getattr(out, "router_logits", None) is not None:
             b = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
@@ -247,7 +247,7 @@ class UlyssesHandle:
             raise ValueError(
                 f"every SP rank must hold an equal-length chunk of the same batch; got [batch, seq/sp] = "
                 f"{shapes.tolist()}. Pad the full sequence to a multiple of sp before sharding "
-                "(lightning_ulysses.data.shard_batch does)."
+                "(lightning_ulysses.lightning.data.shard_batch does)."
             )
 
         mask = call.pop("attention_mask", None)

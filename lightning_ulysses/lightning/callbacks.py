@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 
-from .hf import find_hf_models
-from .tiling import DEFAULT_TILE_BYTES, TiledLossHandle, TiledMLPHandle, apply_tiled_loss, tile_mlps
+from ..models.apply import find_hf_models
+from ..losses.tiled_hf_loss import DEFAULT_TILE_BYTES, TiledLossHandle, apply_tiled_loss
+from ..tiling import TiledMLPHandle, tile_mlps
 
 
 class TiledLossCallback(pl.Callback):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compute import _accumulate, _unique, sequence_tiled_compute
-from .shards import tile_bounds
+from ..tiling.compute import _accumulate, _unique, sequence_tiled_compute
+from ..tiling.shards import tile_bounds
 
 __all__ = ["tiled_causal_lm_loss_sum"]
 

@@ -17,7 +17,7 @@ Modules are recognised by structure — their parameters and the names their ``f
 covered, and a variant that computes anything else is not mistaken for one.
 
 Each mixer scatters heads and gathers the sequence after its per-token input projections (one
-all-to-all, :mod:`lightning_ulysses.comm`), runs its causal convolution and scan on the full
+all-to-all, :mod:`lightning_ulysses.parallel.comm`), runs its causal convolution and scan on the full
 sequence for this rank's heads with the module's own kernels, and exchanges back before its
 per-token output norm and projection.
 
@@ -104,11 +104,11 @@ def refusal_reason(module: nn.Module) -> str | None:
     names = set(vars(module).get("_parameters", {})) | set(vars(module).get("_modules", {}))
     if {"x_proj", "dt_proj", "conv1d", "A_log"} <= names:
         return (f"{type(module).__name__} is a Mamba1 mixer whose forward is not Jamba's form (e.g. it calls the "
-                "fused mamba_inner_fn in training, or dt_proj is quantized); lightning_ulysses.mixers runs only that "
+                "fused mamba_inner_fn in training, or dt_proj is quantized); lightning_ulysses.models.mixers runs only that "
                 "form exactly, so it is refused rather than guessed.")
     if {"conv1d", "A_log", "dt_bias"} <= names:
         return (f"{type(module).__name__} looks like a gated delta-net or Mamba2 mixer but its forward is not one of "
-                "the forms lightning_ulysses runs exactly (lightning_ulysses.mixers); refusing rather than guessing.")
+                "the forms lightning_ulysses runs exactly (lightning_ulysses.models.mixers); refusing rather than guessing.")
     return None
 
 

@@ -43,7 +43,7 @@ JAMBA_FORM = frozenset({
 
 
 class Mamba1SP:
-    """:class:`~lightning_ulysses.mixers.MixerSP` for one Mamba1 mixer (channels split over SP)."""
+    """:class:`~lightning_ulysses.models.mixers.MixerSP` for one Mamba1 mixer (channels split over SP)."""
 
     family = "Mamba1"
 

@@ -15,7 +15,7 @@ of architectures, so a new model built from known parts is handled without a cod
   outside transformers must also declare ``_supports_attention_backend``);
 * any other token mixer — a convolution over the sequence, a scan or recurrence, attention or
   linear attention computed inline, an FFT — must have an SP implementation in
-  :mod:`lightning_ulysses.mixers`, else the model is refused;
+  :mod:`lightning_ulysses.models.mixers`, else the model is refused;
 * the attention mask must come from transformers' ``masking_utils`` (so the handle can rebuild it
   for the full sequence from the gathered padding and positions), and positions must be injectable;
 * loss terms must be ones the handle can make global (the causal / masked LM loss, the MoE
@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal
 
 from torch import nn
 
-from .attention import HeadLayout
+from ..parallel.attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
 
@@ -48,7 +48,7 @@ Positions = Literal["arange", "from_mask", "from_input_ids"]
 
 @dataclass
 class ModelPlan:
-    """What :class:`~lightning_ulysses.hf.UlyssesHandle` must do to keep one model exact.
+    """What :class:`~lightning_ulysses.models.apply.UlyssesHandle` must do to keep one model exact.
 
     Attributes:
         objective: ``"causal"`` (targets shifted on the full sequence), ``"masked"`` (targets at

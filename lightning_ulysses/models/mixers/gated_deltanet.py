@@ -63,7 +63,7 @@ def _projections(module: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 class GatedDeltaNetSP:
-    """:class:`~lightning_ulysses.mixers.MixerSP` for one gated delta-net module."""
+    """:class:`~lightning_ulysses.models.mixers.MixerSP` for one gated delta-net module."""
 
     family = "gated delta-net"
 

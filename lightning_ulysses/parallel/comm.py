@@ -309,5 +309,5 @@ def gather_sequence_grad(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor
 
 
 # Autograd Functions whose backward reduces over the SP group: a loss with one of them in its graph
-# went through an SP reduction (checked by lightning_ulysses.objectives.is_sp_reduced).
+# went through an SP reduction (checked by lightning_ulysses.losses.objectives.is_sp_reduced).
 SP_REDUCTIONS: tuple[type[torch.autograd.Function], ...] = (_SumOverGroup, _GatherSequenceGrad)

@@ -3,10 +3,10 @@ document segments, padding, and the reversible forward patch.
 
 Layout convention: a per-token projection gives ``[batch, seq/sp, channels]`` with channels
 head-major (head ``h`` owns a contiguous block), exactly as attention's ``[b, s/sp, H·d]``. The
-exchange is :mod:`lightning_ulysses.comm`'s own (``heads_from_sequence`` / ``sequence_from_heads``),
+exchange is :mod:`lightning_ulysses.parallel.comm`'s own (``heads_from_sequence`` / ``sequence_from_heads``),
 used with a head dim of 1 so that tensors with different per-head widths (a head's values, its
 state-space ``B``/``C``, its scalar time step) travel in **one** all-to-all. All collectives run on
-the SP group of the forward's :class:`~lightning_ulysses.context.ForwardContext`.
+the SP group of the forward's :class:`~lightning_ulysses.models.context.ForwardContext`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from ..comm import heads_from_sequence, sequence_from_heads
+from ...parallel.comm import heads_from_sequence, sequence_from_heads
 from ..context import CONTEXT_KWARG, ForwardContext
 
 _MISSING = object()

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm import SP_REDUCTIONS, gather_sequence, gather_sequence_grad, sum_over_group
-from .loss import shift_labels_full
+from ..parallel.comm import SP_REDUCTIONS, gather_sequence, gather_sequence_grad, sum_over_group
+from .sp_loss import shift_labels_full
 
 IGNORE_INDEX = -100
 _COMPILED_NODE = "CompiledFunctionBackward"  # torch.compile's backward node (AOTAutograd)

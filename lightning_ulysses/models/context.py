@@ -1,6 +1,6 @@
 """The per-forward SP context: what every layer's token mixer and the loss share in one forward.
 
-Built once per forward by :class:`~lightning_ulysses.hf.UlyssesHandle` and handed to attention,
+Built once per forward by :class:`~lightning_ulysses.models.apply.UlyssesHandle` and handed to attention,
 non-attention mixers and the loss through the model's ``**kwargs`` under :data:`CONTEXT_KWARG`
 (so activation-checkpoint recomputation sees the same object).
 """
@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:
-    from .masks import SequenceMetadata
+    from ..parallel.masks import SequenceMetadata
 
 CONTEXT_KWARG = "ulysses_context"
 

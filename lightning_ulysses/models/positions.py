@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .coverage import Positions
+from .analysis import Positions
 
 
 def derive_positions(kind: Positions, batch: int, seq: int, device: torch.device, mask: Tensor | None = None,

@@ -36,7 +36,7 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             :func:`~lightning_ulysses.sp_gather_tokens`; prediction writers run on SP rank 0 only.
         check_loss: at the first training steps, raise if the loss passed to backward never went
             through a reduction over the SP group (a rank-local loss, silently wrong under SP; see
-            :mod:`lightning_ulysses.objectives`). ``False`` for a loss that is rank-local on purpose.
+            :mod:`lightning_ulysses.losses.objectives`). ``False`` for a loss that is rank-local on purpose.
         find_unused_parameters: passed to ``DistributedDataParallel``.
         static_graph: passed to ``DistributedDataParallel``.
         gradient_as_bucket_view: passed to ``DistributedDataParallel``.

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from .hf import find_hf_models
-from .loss import shift_labels_full
+from ..models.apply import find_hf_models
+from ..losses.sp_loss import shift_labels_full
 
 
 class PositionalLoss(torchmetrics.Metric):

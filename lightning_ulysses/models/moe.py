@@ -5,7 +5,7 @@ loss. Its router statistics (the fraction of tokens sent to each expert and the 
 probability) are means over **all** tokens of the batch; on one SP rank they would cover the local
 chunk only, so the auxiliary loss and the router-gate gradients would differ per rank (README,
 "Supported models"). Here the router logits of every layer are gathered along the sequence with
-:func:`~lightning_ulysses.comm.gather_sequence_grad` (small: ``[b, s, experts]``), and the model
+:func:`~lightning_ulysses.parallel.comm.gather_sequence_grad` (small: ``[b, s, experts]``), and the model
 file's own function is called on them exactly as the model's ``forward`` calls it. The gather's
 backward sums over the SP group, the same gradient scale as the SP LM loss.
 """
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from .comm import gather_sequence_grad
+from ..parallel.comm import gather_sequence_grad
 from .context import ForwardContext
 
 _CALL = re.compile(r"load_balancing_loss_func\(")

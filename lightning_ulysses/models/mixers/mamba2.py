@@ -49,7 +49,7 @@ FALCON_H1_FORM = frozenset(BAMBA_FORM - {"reshape"} | {"float32", "functional", 
 
 
 class Mamba2SP:
-    """:class:`~lightning_ulysses.mixers.MixerSP` for one Mamba2 mixer."""
+    """:class:`~lightning_ulysses.models.mixers.MixerSP` for one Mamba2 mixer."""
 
     family = "Mamba2"
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm import sum_over_group
+from ..parallel.comm import sum_over_group
 
 
 def sp_mean(local_sum: Tensor, total_count: Tensor | int, group: ProcessGroup | None) -> Tensor:

@@ -1,7 +1,7 @@
 """Ulysses attention: exchange → the model's own attention backend on the full sequence → exchange.
 
 The function built here is registered in transformers' ``AttentionInterface`` under a name unique
-to one :class:`~lightning_ulysses.hf.UlyssesHandle`, so each model dispatches to its own SP group.
+to one :class:`~lightning_ulysses.models.apply.UlyssesHandle`, so each model dispatches to its own SP group.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .masks import SUPPORTED_BACKENDS
 from .segments import plan_segments
 
 if TYPE_CHECKING:
-    from .context import ForwardContext
+    from ..models.context import ForwardContext
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A packed row is described the way HF's ``DataCollatorWithFlattening`` describes it: ``position_ids``
 restart at 0 at every document start, and that is the only document-boundary information the model
 gets. Under Ulysses SP the attention mask is rebuilt from these gathered positions
-(:mod:`lightning_ulysses.masks`), so packed documents never attend to each other on any backend.
+(:mod:`lightning_ulysses.parallel.masks`), so packed documents never attend to each other on any backend.
 
 Labels: HF shifts them inside the loss (position ``t`` predicts ``labels[t + 1]``), so the target of
 the last token of document ``i`` would be the first token of document ``i + 1``. To keep the loss

@@ -18,12 +18,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from ..context import CONTEXT_KWARG
-from ..hf import IGNORE_INDEX
-from ..loss import shift_labels_full, sp_mean
-from ..patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
-from .lm_loss import tiled_causal_lm_loss_sum
-from .shards import agree_on_shards
+from ..models.context import CONTEXT_KWARG
+from ..models.apply import IGNORE_INDEX
+from .sp_loss import shift_labels_full, sp_mean
+from ..models.patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
+from .tiled_lm_loss import tiled_causal_lm_loss_sum
+from ..tiling.shards import agree_on_shards
 
 DEFAULT_TILE_BYTES = 256 * 2**20
 

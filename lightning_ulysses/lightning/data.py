@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loss import shift_labels_full
+from ..losses.sp_loss import shift_labels_full
 
 IGNORE_INDEX = -100
 SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "attention_mask", "position_ids", "inputs_embeds")

@@ -18,8 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from typing_extensions import override
 
 from ..activation_checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
-from ..hf import find_hf_models
-from ..mesh import world_mesh
+from ...models.apply import find_hf_models
+from ...parallel.mesh import world_mesh
 from .common import UlyssesMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -152,7 +152,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
             :func:`~lightning_ulysses.sp_gather_tokens`; prediction writers run on SP rank 0 only.
         check_loss: at the first training steps, raise if the loss passed to backward never went
             through a reduction over the SP group (a rank-local loss, silently wrong under SP; see
-            :mod:`lightning_ulysses.objectives`). ``False`` for a loss that is rank-local on purpose.
+            :mod:`lightning_ulysses.losses.objectives`). ``False`` for a loss that is rank-local on purpose.
         save_distributed_checkpoint: ``True`` writes a sharded (DCP) checkpoint folder; ``False``
             gathers a single full checkpoint file on rank 0.
         process_group_backend: ``"nccl"``/``"gloo"``; default by device.

@@ -6,7 +6,7 @@
   peers really hold the same batch;
 * Ulysses applied to every HF model of the LightningModule in ``setup`` and removed in ``teardown``;
 * the check that a training loss went through an SP reduction (``check_loss``), and the SP group
-  that :mod:`lightning_ulysses.objectives` reduce over while SP is active;
+  that :mod:`lightning_ulysses.losses.objectives` reduce over while SP is active;
 * predict under SP (``predict_mode="sp"``), with prediction writers on SP rank 0 only;
 * a stock ``ThroughputMonitor`` refused under SP (``UlyssesThroughputMonitor`` counts the job), and
   checkpoints free of the patch.
@@ -27,12 +27,12 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..attention import check_overlap_chunks
-from ..comm import gather_sequence
+from ...parallel.attention import check_overlap_chunks
+from ...parallel.comm import gather_sequence
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
-from ..hf import UlyssesHandle, apply_ulysses, find_hf_models
-from ..mesh import ParallelDims, build_mesh, validate_sp
-from ..objectives import is_sp_reduced, register_group_source
+from ...models.apply import UlyssesHandle, apply_ulysses, find_hf_models
+from ...parallel.mesh import ParallelDims, build_mesh, validate_sp
+from ...losses.objectives import is_sp_reduced, register_group_source
 
 UNSUPPORTED_PRECISION = ("TransformerEnginePrecision", "BitsandbytesPrecision")
 
@@ -40,7 +40,7 @@ LOCAL_LOSS_ERROR = (
     "the training loss never went through a reduction over the SP group: under Ulysses SP each rank holds only "
     "seq/sp tokens, so a loss computed from this rank's logits alone is its chunk's mean, not the sequence's (and "
     "a shift of the local labels loses a target at every chunk edge). Return the HF model's `out.loss`, or build "
-    "the loss with lightning_ulysses.objectives (sp_token_mean, sp_sequence_sum, sp_gather_tokens with "
+    "the loss with lightning_ulysses.losses.objectives (sp_token_mean, sp_sequence_sum, sp_gather_tokens with "
     "sp_shift_labels(batch)); see README, 'Custom objectives'. If the loss is rank-local on purpose, pass "
     "check_loss=False to the strategy."
 )

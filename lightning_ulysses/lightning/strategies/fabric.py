@@ -3,7 +3,7 @@
 
 The behaviour is the Trainer strategies' own (:class:`~.common.UlyssesMixin`): the DP×SP mesh, the
 sampler over ``dp`` replicas, the sharding collate, the SP-peer batch check, the loss check, the SP
-group for :mod:`lightning_ulysses.objectives`. What differs is only where Fabric hands things over:
+group for :mod:`lightning_ulysses.losses.objectives`. What differs is only where Fabric hands things over:
 
 * ``fabric.setup(model)`` / ``fabric.setup_module(model)`` apply Ulysses to every transformers model
   inside before DDP wraps it; a frozen model (a DPO reference, a distillation teacher) is patched
@@ -79,7 +79,7 @@ class FabricUlyssesMixin(UlyssesMixin):
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
         """Run every patched model unpatched inside the block (full sequences, no collectives), e.g. to
-        generate; :func:`~lightning_ulysses.objectives.current_sp_group` is ``None`` meanwhile."""
+        generate; :func:`~lightning_ulysses.losses.objectives.current_sp_group` is ``None`` meanwhile."""
         with contextlib.ExitStack() as stack:
             for handle in self._handles:
                 stack.enter_context(handle.bypass())
@@ -103,7 +103,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
     builds the ``("dp", "sp")`` mesh; ``fabric.setup(model, optimizer)`` applies Ulysses to the
     transformers models in ``model``; ``fabric.setup_dataloaders`` gives every rank of an SP group the
     same samples and keeps its sequence chunk. With the model's ``out.loss`` or a loss from
-    :mod:`lightning_ulysses.objectives`, ``fabric.backward`` gives the gradients of plain DDP over
+    :mod:`lightning_ulysses.losses.objectives`, ``fabric.backward`` gives the gradients of plain DDP over
     ``dp`` replicas. Checkpoints from ``fabric.save`` load into the model without SP.
 
     Args:

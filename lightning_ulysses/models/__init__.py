@@ -1,0 +1,12 @@
+"""The model layer: what is done to one transformers model so that it runs exactly under SP.
+
+* :mod:`.analysis` — decides from the model's structure, before any forward, whether and how it
+  runs exactly (:func:`~.analysis.analyse_model`, :class:`~.analysis.UnsupportedModelError`);
+* :mod:`.apply` — :func:`~.apply.apply_ulysses` and its reversible :class:`~.apply.UlyssesHandle`;
+* :mod:`.context` — the per-forward state every layer and the loss share;
+* :mod:`.positions` — global positions derived as the model would derive them;
+* :mod:`.moe` — the MoE load-balancing loss made global over the sequence;
+* :mod:`.mixers` — SP execution of non-attention token mixers (linear attention, Mamba);
+* :mod:`.patching` — reversible, ordered wrappers around one model's ``forward``;
+* :mod:`.debug` — the ``debug_skip_attention`` stand-in.
+"""
