@@ -120,22 +120,26 @@ def test_sp_peers_with_same_tokens_but_different_labels_raise():
 
 
 def test_fingerprint_covers_every_sharded_tensor():
-    from lightning_ulysses.lightning.data import SEQUENCE_KEYS, batch_fingerprint, fingerprint_mismatch
+    from lightning_ulysses.lightning.data import (FINGERPRINT_FIELDS, OTHER_INPUTS, SEQUENCE_KEYS, batch_fingerprint,
+                                                  fingerprint_mismatch)
 
     ids = torch.arange(12).view(2, 6)
     batch = {"input_ids": ids, "labels": ids.clone(), "shift_labels": ids.clone(),
              "attention_mask": torch.ones(2, 6, dtype=torch.long), "position_ids": torch.arange(6).expand(2, 6),
-             "inputs_embeds": torch.randn(2, 6, 3)}
-    assert set(batch) == set(SEQUENCE_KEYS)
+             "inputs_embeds": torch.randn(2, 6, 3), "token_type_ids": torch.zeros(2, 6, dtype=torch.long),
+             "mm_token_type_ids": torch.zeros(2, 6, dtype=torch.long), "seq_idx": torch.zeros(2, 6, dtype=torch.int32),
+             "pixel_values": torch.randn(4, 3), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    assert set(SEQUENCE_KEYS) <= set(batch) and FINGERPRINT_FIELDS == (*SEQUENCE_KEYS, OTHER_INPUTS)
     base = batch_fingerprint(batch)
     assert torch.equal(base, batch_fingerprint({k: v.clone() for k, v in batch.items()}))
-    for key in SEQUENCE_KEYS:
+    for key in batch:
+        field = key if key in SEQUENCE_KEYS else OTHER_INPUTS
         changed = dict(batch)
         changed[key] = batch[key].clone()
-        changed[key][1, 4] += 1  # one element of one tensor
-        assert fingerprint_mismatch(torch.stack([base, batch_fingerprint(changed)])) == [key]
+        changed[key].view(-1)[-1] += 1  # one element of one tensor
+        assert fingerprint_mismatch(torch.stack([base, batch_fingerprint(changed)])) == [field]
         missing = {k: v for k, v in batch.items() if k != key}
-        assert fingerprint_mismatch(torch.stack([base, batch_fingerprint(missing)])) == [key]
+        assert fingerprint_mismatch(torch.stack([base, batch_fingerprint(missing)])) == [field]
     # a different dtype or shape with the same bytes differs too
     for other in (ids.int(), ids.view(3, 4)):
         assert fingerprint_mismatch(torch.stack([base, batch_fingerprint({**batch, "input_ids": other})])) == ["input_ids"]
