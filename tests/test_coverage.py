@@ -131,7 +131,6 @@ REFUSED = [
     ("bloom", "BloomForCausalLM", "inline"),
     ("lfm2", "Lfm2ForCausalLM", "convolution|recurrent attention mask"),  # short convolutions mix tokens
     ("mobilebert", "MobileBertForMaskedLM", "neighbouring tokens"),  # trigram embeddings
-    ("llama4_text", "Llama4ForCausalLM", "chunked"),  # chunked local attention
     ("bart", "BartForConditionalGeneration", "encoder-decoder"),
     ("mamba", "MambaForCausalLM", "no attention heads"),
     ("doge", "DogeForCausalLM", "own attention mask"),
@@ -227,3 +226,29 @@ def test_shards_are_contiguous():
     for key in ("input_ids", "labels", "shift_labels", "attention_mask"):
         assert out[key].is_contiguous(), key
         out[key].view(-1)  # what models do with their labels
+
+
+REASONS = [  # (arch, class, the refusal's class, or None: supported)
+    ("dbrx", "DbrxForCausalLM", None),  # attn_config / ffn_config group settings of one model
+    ("granitemoehybrid", "GraniteMoeHybridForCausalLM", None),  # default config: Mamba2 layers only
+    ("mpt", "MptForCausalLM", "inline attention"),  # attn_config groups settings; attention is inline
+    ("gemma3", "Gemma3ForConditionalGeneration", "composite"),  # a vision tower beside the text model
+    ("gptj", "GPTJForCausalLM", "does not dispatch"),
+    ("bart", "BartForConditionalGeneration", "encoder-decoder"),
+    ("mamba", "MambaForCausalLM", "no attention heads"),
+]
+
+
+@pytest.mark.parametrize("arch,cls,expected", REASONS, ids=[c[0] for c in REASONS])
+def test_refusal_reason_is_true(arch, cls, expected):
+    from tests.zoo.reasons import claim_holds, reason_class
+
+    model = build_tiny(arch, cls, dtype=torch.float32)
+    try:
+        analyse_model(model, 2)
+    except UnsupportedModelError as e:
+        got = reason_class(str(e))
+        assert got == expected, f"{arch}: refused as {got!r} ({e}), expected {expected!r}"
+        assert claim_holds(got, model, str(e))
+    else:
+        assert expected is None, f"{arch} was accepted, expected a refusal as {expected!r}"

@@ -88,7 +88,8 @@ def make_case(name: str) -> Case:
             return Case("mistral", 4, 2, MISTRAL_WINDOW, batch, real, packs=PACKS)
         if name == "packed_padded":
             # A pack_documents last row: docs 5, 9, 2 then 8 pads as their own pseudo-document, with a
-            # mask. HF without SP ignores packing when a mask is passed, so its reference runs unmasked.
+            # mask. HF without SP ignores packing when a mask is passed, so its reference runs unmasked
+            # and SP keeps the documents apart under packed_documents="split" (refused by default).
             packs = ([5, 9, 2, 8], PACKS[1])
             real = pad_mask([(0, 8), (0, 0)])
             batch = dict(batch, attention_mask=real.long(), labels=labels.masked_fill(~real, -100),
@@ -166,7 +167,9 @@ def _parity(rank, world, name, attn, overlap_chunks=1, path="segments"):
     for sp in (2, 4):
         group, sp_rank = groups[sp]
         model = tiny_model(case.arch, case.heads, case.kv, attn=attn, **case.extra)
-        handle = apply_ulysses(model, group, overlap_chunks=overlap_chunks if sp == 2 else 1)
+        # packed + masked rows are kept apart only on request (the non-SP reference runs unmasked)
+        split = "split" if name == "packed_padded" else "refuse"
+        handle = apply_ulysses(model, group, overlap_chunks=overlap_chunks if sp == 2 else 1, packed_documents=split)
         shard = shard_batch(case.batch, sp_rank, sp)
         with dense_masks() if path == "dense" else contextlib.nullcontext():
             out = model(**shard)

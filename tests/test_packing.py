@@ -43,11 +43,12 @@ def test_pack_documents_exact_output():
     assert rows == [
         {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]},
         {"input_ids": [6, 7, 8, 9, 10], "labels": [-100, 7, 8, 9, 10], "position_ids": [0, 1, 2, 3, 4]},
-        {"input_ids": [11, 12, 0, 0, 0], "labels": [-100, 12, -100, -100, -100], "position_ids": [0, 1, 0, 1, 2],
-         "attention_mask": [1, 1, 0, 0, 0]},
+        {"input_ids": [11, 12, 0, 0, 0], "labels": [-100, 12, -100, -100, -100], "position_ids": [0, 1, 0, 1, 2]},
     ]
+    masked = as_lists(pack_documents(DOCS, 5, return_attention_mask=True))
+    assert masked[:2] == rows[:2] and masked[2] == {**rows[2], "attention_mask": [1, 1, 0, 0, 0]}
     assert as_lists(pack_documents(DOCS, 5, drop_remainder=True)) == rows[:2]
-    padded = as_lists(pack_documents(DOCS, 5, pad_id=96, return_attention_mask=False))[2]
+    padded = as_lists(pack_documents(DOCS, 5, pad_id=96))[2]
     assert padded == {"input_ids": [11, 12, 96, 96, 96], "labels": [-100, 12, -100, -100, -100],
                       "position_ids": [0, 1, 0, 1, 2]}
     exact = pack_documents([[1, 2], [3, 4, 5, 6]], 3)  # no remainder: no padding, no mask
@@ -75,7 +76,7 @@ def test_inputs_as_tensors_and_errors():
 @pytest.mark.parametrize("seed,seq_len", [(0, 16), (1, 7), (2, 1), (3, 64)])
 def test_no_shifted_target_crosses_a_document(seed, seq_len):
     docs = random_docs(seed)
-    rows = pack_documents(docs, seq_len)
+    rows = pack_documents(docs, seq_len, return_attention_mask=True)
     real_tokens, valid_targets = [], 0
     for row in as_lists(rows):
         ids, labels, pos = row["input_ids"], row["labels"], row["position_ids"]
@@ -152,13 +153,14 @@ def docs_alone_loss(model, batch) -> torch.Tensor:
     """The non-SP model run on every real document of ``batch`` alone; token mean over all targets.
 
     Documents are found from the positions and targets are the document's own next tokens, so
-    neither the packed labels nor the packed attention enter the reference.
+    neither the packed labels nor the packed attention enter the reference (the labels only tell
+    a padding pseudo-document, all ``-100``, from a real one when the row has no mask).
     """
     total, count = 0.0, 0
     for row in range(batch["input_ids"].shape[0]):
-        real = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))[row]
+        real = batch.get("attention_mask", (batch["labels"] != -100).long())[row]
         for lo, hi in segments(batch["position_ids"][row].tolist()):
-            if not real[lo] or hi - lo < 2:
+            if not real[lo:hi].any() or hi - lo < 2:
                 continue
             ids = batch["input_ids"][row:row + 1, lo:hi]
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
@@ -174,20 +176,23 @@ def _sp_packed_loss(rank, world):
     docs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (5, 9, 1, 2, 13, 0, 7, 30)]  # 67 tokens
     batches = {
         "collator": PackingCollator(pad_to_multiple_of=sp)([{"input_ids": d} for d in docs]),
-        # pack_documents rows of 20: a batch of full rows, and the padded last row with its mask
+        # pack_documents rows of 20: a batch of full rows, the padded last row, and that row with
+        # its mask (documents kept apart only on request: packed_documents="split")
         "rows": torch.utils.data.default_collate(pack_documents(docs, 20)[:-1]),
         "last_row": torch.utils.data.default_collate(pack_documents(docs, 20)[-1:]),
+        "masked_row": torch.utils.data.default_collate(pack_documents(docs, 20, return_attention_mask=True)[-1:]),
         "odd_row": PackingCollator()([{"input_ids": d} for d in docs[:4]]),  # 17 tokens: not a multiple of sp
     }
     assert batches["collator"]["input_ids"].shape[1] % sp == 0
-    assert "attention_mask" in batches["last_row"] and batches["odd_row"]["input_ids"].shape[1] % sp
+    assert "attention_mask" not in batches["last_row"] and "attention_mask" in batches["masked_row"]
+    assert batches["odd_row"]["input_ids"].shape[1] % sp
     for attn in ("sdpa", "eager"):
         for name, batch in batches.items():
             ref = tiny_model("llama", 4, 2, attn=attn)
             ref_loss = docs_alone_loss(ref, batch)
             ref_loss.backward()
             model = tiny_model("llama", 4, 2, attn=attn)
-            handle = apply_ulysses(model, group)
+            handle = apply_ulysses(model, group, packed_documents="split" if name == "masked_row" else "refuse")
             out = model(**shard_batch(batch, rank, sp))
             out.loss.backward()
             tag = f"{name}/{attn}"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.zoo.configs import build_tiny
 from tests.zoo.matrix import DOC, counts, render, run_matrix, summary_line
+from tests.zoo.reasons import claim_holds, reason_class
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -27,6 +29,13 @@ def test_every_architecture_is_exact_or_refused():
     late = [v for v in results if v.verdict == "refused" and v.reason.startswith("at forward")]
     assert not late, "refused only at the first forward, not by apply_ulysses:\n" + "\n".join(
         f"{v.arch}: {v.reason}" for v in late)
+    untrue = []
+    for v in results:
+        if v.verdict == "refused":
+            cls = reason_class(v.reason)
+            if not claim_holds(cls, build_tiny(v.arch, v.cls), v.reason):
+                untrue.append(f"{v.arch} ({v.cls}): {cls}: {v.reason}")
+    assert not untrue, "refusal reasons that are not true of the model:\n" + "\n".join(untrue)
     c = counts(results)
     assert c["exact"] >= 100, c  # the dense decoders, MoE, MLA, sinks and encoders must stay exact
     readme = README.read_text()

@@ -86,7 +86,7 @@ def pack_documents(
     *,
     drop_remainder: bool = False,
     pad_id: int = 0,
-    return_attention_mask: bool = True,
+    return_attention_mask: bool = False,
 ) -> list[dict[str, Tensor]]:
     """Concatenate documents greedily into rows of exactly ``seq_len`` tokens.
 
@@ -102,8 +102,10 @@ def pack_documents(
         drop_remainder: drop the last, incomplete row instead of padding it.
         pad_id: token id used for padding.
         return_attention_mask: give the padded last row an ``attention_mask`` (1 = real token).
-            Padding is its own pseudo-document, so the mask is not needed for correctness; leave it
-            out (``False``) to batch the last row with full ones or to use flash attention under SP.
+            Off by default: padding is its own pseudo-document, so the mask is not needed, and a
+            packed row *with* a mask is attended across documents by the non-SP transformers model
+            (it detects packing only when no mask is given), so SP refuses it unless
+            ``packed_documents="split"`` (see the README, "Packed rows").
 
     Returns:
         One dict per row, each tensor of shape ``[seq_len]`` (int64):
@@ -138,9 +140,8 @@ class PackedDataset(Dataset):
     """A map-style dataset of packed rows built once by :func:`pack_documents`.
 
     Each item is a dict of ``[seq_len]`` tensors (see :func:`pack_documents`). Only the padded last
-    row carries an ``attention_mask`` (when ``return_attention_mask``); to batch rows with PyTorch's
-    default collate (``batch_size > 1``) pass ``drop_remainder=True`` or
-    ``return_attention_mask=False`` so that every row has the same keys.
+    row can carry an ``attention_mask`` (when ``return_attention_mask=True``), so leave it off
+    (the default) or pass ``drop_remainder=True`` to batch rows with PyTorch's default collate.
 
     Args:
         docs: token sequences.
@@ -155,7 +156,7 @@ class PackedDataset(Dataset):
         *,
         drop_remainder: bool = False,
         pad_id: int = 0,
-        return_attention_mask: bool = True,
+        return_attention_mask: bool = False,
     ) -> None:
         self.seq_len = seq_len
         self.rows = pack_documents(

@@ -35,6 +35,7 @@ from torch import nn
 from ..parallel.attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
+from .whole_sequence import is_position_module, reads_cache_length
 
 
 class UnsupportedModelError(ValueError):
@@ -67,11 +68,18 @@ class ModelPlan:
         windows: attention module name → the sliding window its mask has although the module does
             not pass ``sliding_window`` to the backend (the model builds a sliding-window mask for
             every layer from ``config.sliding_window``).
+        chunks: attention module name → its chunked-local-attention size (``attention_chunk_size``,
+            on the layers ``config.layer_types`` marks ``"chunked_attention"``).
         aux_loss: how to recompute the model's MoE load-balancing loss over the whole sequence, when
             the model adds one to its loss (``None`` also when its call cannot be reproduced: then
             requesting router logits is refused).
         aux_refused: the model adds an auxiliary loss that ``aux_loss`` cannot reproduce; a forward
             that asks for router logits is refused.
+        position_modules: parameter-free modules fed ``position_ids`` (rotary embeddings), run on the
+            whole sequence's positions (:mod:`.whole_sequence`).
+        offset_modules: attention modules numbering their tokens from the cache length, given the
+            chunk's global offset (:mod:`.whole_sequence`).
+        dropout: modules that draw random numbers in training (dropout ``p > 0``), by name.
     """
 
     objective: Objective | None
@@ -82,15 +90,18 @@ class ModelPlan:
     per_head: dict[str, dict[str, int]] = field(default_factory=dict)
     mixers: list[tuple[str, nn.Module, MixerSP]] = field(default_factory=list)
     windows: dict[str, int] = field(default_factory=dict)
+    chunks: dict[str, int] = field(default_factory=dict)
     aux_loss: AuxLossPlan | None = None
     aux_refused: bool = False
+    position_modules: list[str] = field(default_factory=list)
+    offset_modules: list[str] = field(default_factory=list)
+    dropout: list[str] = field(default_factory=list)
 
 
-_MASK_BUILDERS = re.compile(r"create_(causal|bidirectional|sliding_window_causal|bidirectional_sliding_window)_mask"
+_MASK_BUILDERS = re.compile(r"create_(causal|bidirectional|sliding_window_causal|bidirectional_sliding_window"
+                            r"|chunked_causal)_mask"
                             r"|create_masks_for_generate")
 _UNSUPPORTED_MASKS = {
-    "create_chunked_causal_mask": "chunked local attention (attention_chunk_size) is not expressible after the "
-                                  "exchange",
     "create_recurrent_attention_mask": "a recurrent attention mask",
 }
 _INLINE_PRODUCT = re.compile(r"torch\.matmul|torch\.bmm|torch\.einsum|\.matmul\(|\.bmm\(| @ ")
@@ -186,6 +197,18 @@ def _objective(model: nn.Module) -> Objective | None:
     )
 
 
+def _component_configs(config: Any) -> list[str]:
+    """The sub-configs of ``config`` that describe models of their own (a vision tower, a text model).
+
+    Some single models group their settings in sub-configs (DBRX's ``attn_config`` / ``ffn_config``,
+    MPT's ``attn_config``): those have no ``model_type`` of their own and are not components.
+    """
+    from transformers import AutoConfig
+
+    return [key for key, cls in (getattr(config, "sub_configs", None) or {}).items()
+            if cls is AutoConfig or getattr(cls, "model_type", "")]
+
+
 def _check_model_kind(model: nn.Module) -> None:
     from transformers import PreTrainedModel
 
@@ -198,10 +221,11 @@ def _check_model_kind(model: nn.Module) -> None:
             f"{name} is an encoder-decoder model: its cross-attention reads a second sequence that Ulysses does "
             "not shard. Only decoder-only and encoder-only models are supported."
         )
-    if getattr(config, "sub_configs", None):
+    components = _component_configs(config)
+    if components:
         raise UnsupportedModelError(
-            f"{name} is a composite model ({', '.join(config.sub_configs)}); apply Ulysses to its language "
-            "model submodule."
+            f"{name} is a composite model (its {', '.join(components)} describe separate models); apply Ulysses "
+            "to its language model submodule."
         )
     if not getattr(config, "num_attention_heads", None):
         raise UnsupportedModelError(
@@ -306,7 +330,7 @@ def _check_masks(model: nn.Module, has_mixers: bool) -> None:
             # Hybrid models build it for their mixers; called without a 2D mask it is None, and
             # the SP mixers take padding and documents from the gathered metadata instead.
             continue
-        if any(fn in src for src in sources.values()) and _uses_chunks(model, fn):
+        if any(fn in src for src in sources.values()):
             raise UnsupportedModelError(f"{name} uses {what} ({fn}); Ulysses SP cannot rebuild it for the full sequence.")
     if not any(_MASK_BUILDERS.search(src) for src in sources.values()):
         raise UnsupportedModelError(
@@ -349,10 +373,31 @@ def _implicit_windows(model: nn.Module, attention: list[str]) -> dict[str, int]:
     return found
 
 
-def _uses_chunks(model: nn.Module, fn: str) -> bool:
-    if fn == "create_chunked_causal_mask":
-        return getattr(model.config, "attention_chunk_size", None) is not None
-    return True
+def _chunked_layers(model: nn.Module, attention: list[str]) -> dict[str, int]:
+    """Attention modules whose mask is chunked local attention (``attention_chunk_size``): those of
+    the layers ``config.layer_types`` calls ``"chunked_attention"``, when the model builds that mask."""
+    if not any("create_chunked_causal_mask" in _source(type(m)) for m in model.modules()):
+        return {}
+    size = getattr(model.config, "attention_chunk_size", None)
+    layer_types = getattr(model.config, "layer_types", None)
+    if not size:
+        return {}
+    if not layer_types:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} builds a chunked attention mask but its config has no layer_types saying "
+            "which layers use it; Ulysses cannot tell which layers to chunk."
+        )
+    found: dict[str, int] = {}
+    for name in attention:
+        idx = getattr(model.get_submodule(name), "layer_idx", None)
+        if idx is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: attention module {name!r} has no layer_idx, so Ulysses cannot tell whether "
+                "its layer uses chunked attention."
+            )
+        if layer_types[idx] == "chunked_attention":
+            found[name] = int(size)
+    return found
 
 
 def _aux_loss(model: nn.Module) -> tuple[AuxLossPlan | None, bool]:
@@ -376,6 +421,36 @@ def _valid_sp(model: nn.Module, num_heads: int, num_kv: int) -> list[int]:
     attention = HeadLayout.valid_sp(num_heads, num_kv)
     mixers = mixers_valid_sp(model)
     return attention if mixers is None else sorted(set(attention) & set(mixers))
+
+
+_LOCAL_NUMBERING = re.compile(r"arange\(\s*(hidden_states|query_states|key_states|x|q|k)\.(shape\[|size\()")
+
+
+def _whole_sequence_modules(model: nn.Module, plan: ModelPlan) -> None:
+    """Record what the model derives from the whole sequence (README, "Positions"), or refuse it."""
+    attention = set(plan.attention)
+    for name, module in model.named_modules():
+        if module is model or module is getattr(model, "base_model", None):
+            continue
+        if name in attention:
+            src = _forward_source(module)
+            if reads_cache_length(src):
+                plan.offset_modules.append(name)
+            elif _LOCAL_NUMBERING.search(src):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: attention module {name!r} ({type(module).__name__}) numbers its tokens "
+                    "from the length of the chunk it is given, so under SP every chunk would restart at 0; not "
+                    "supported."
+                )
+            if any(isinstance(getattr(module, a, None), float) and getattr(module, a) > 0
+                   for a in ("attention_dropout", "dropout")):
+                plan.dropout.append(name)
+        elif is_position_module(module):
+            plan.position_modules.append(name)
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            plan.dropout.append(name)
+    plan.position_modules = [n for n in plan.position_modules
+                             if not any(n.startswith(o + ".") for o in plan.position_modules if o != n)]
 
 
 def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
@@ -428,7 +503,7 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
                 f"{name}: module {mod_name!r} ({type(module).__name__}) mixes tokens through {reason}, which Ulysses "
                 "cannot run on the full sequence; this model is not supported under SP."
             )
-    if not plan.attention:
+    if not plan.attention and not plan.mixers:
         raise UnsupportedModelError(
             f"{name} does not dispatch its attention through transformers' AttentionInterface, so Ulysses cannot "
             "shard it; this model is not supported."
@@ -448,7 +523,9 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             "positions; not supported."
         )
     _check_masks(model, has_mixers=bool(plan.mixers))
+    _whole_sequence_modules(model, plan)
     plan.windows = _implicit_windows(model, plan.attention)
+    plan.chunks = _chunked_layers(model, plan.attention)
     plan.positions, plan.padding_idx = _positions(model)
     plan.aux_loss, plan.aux_refused = _aux_loss(model)
     return plan

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Literal
 
@@ -44,8 +45,10 @@ from ..parallel.masks import SequenceMetadata
 from .moe import add_to_loss, wants_router_logits, zero_coefficient
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
+from .whole_sequence import apply_whole_sequence
 
 IGNORE_INDEX = -100
+PackedDocuments = Literal["refuse", "split"]
 _MISSING = object()
 _ids = itertools.count()
 
@@ -73,9 +76,13 @@ class UlyssesHandle:
     """
 
     def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp",
-                 overlap_chunks: int = 1, debug_skip_attention: bool = False) -> None:
+                 overlap_chunks: int = 1, debug_skip_attention: bool = False,
+                 packed_documents: PackedDocuments = "refuse") -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
+        if packed_documents not in ("refuse", "split"):
+            raise ValueError(f"packed_documents must be 'refuse' or 'split', got {packed_documents!r}.")
+        self.packed_documents = packed_documents
         if not dist.is_initialized():
             raise RuntimeError("apply_ulysses needs torch.distributed to be initialised (the SP group's world).")
         sp_size = dist.get_world_size(group)
@@ -100,8 +107,10 @@ class UlyssesHandle:
         attend_layer = debug_attend_layer(model) if debug_skip_attention else None
         per_head = {id(model.get_submodule(name)): dims for name, dims in self.plan.per_head.items()}
         windows = {id(model.get_submodule(name)): w for name, w in self.plan.windows.items()}
+        chunks = {id(model.get_submodule(name)): c for name, c in self.plan.chunks.items()}
         attention = make_ulysses_attention(self.backend, self.layout, self._context_from, overlap_chunks,
-                                           debug_attend_layer=attend_layer, per_head=per_head, windows=windows)
+                                           debug_attend_layer=attend_layer, per_head=per_head, windows=windows,
+                                           chunks=chunks)
         self.overlap_chunks = overlap_chunks
         self.debug_skip_attention = debug_skip_attention
         self.name = f"ulysses_{next(_ids)}"
@@ -128,6 +137,8 @@ class UlyssesHandle:
         self._orig_loss = model.loss_function
         model.loss_function = self._loss
         self._undo_mixers = [impl.apply(module, self._running_context) for _, module, impl in self.plan.mixers]
+        self._undo_whole_sequence = apply_whole_sequence(model, self.plan.position_modules, self.plan.offset_modules,
+                                                         self._running_context)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -150,6 +161,7 @@ class UlyssesHandle:
             del model._loss_function
         else:
             model._loss_function = self._saved_loss
+        self._undo_whole_sequence()
         for undo in reversed(self._undo_mixers):
             undo()
         self._undo_config()
@@ -194,13 +206,14 @@ class UlyssesHandle:
                 )
         restore = zero_coefficient(self.model, aux.coef_attr) if aux is not None else None
         try:
-            out = next_forward(**call)
+            with self._own_random_stream():
+                out = next_forward(**call)
         finally:
             coef = restore() if restore is not None else 0.0
         if ctx.attention_calls == 0:
             raise RuntimeError(
-                f"{type(self.model).__name__} did not call its attention through transformers' AttentionInterface, "
-                "so Ulysses could not shard it; this model is not supported."
+                f"{type(self.model).__name__} did not call its attention through transformers' AttentionInterface "
+                "(nor a token mixer Ulysses shards), so Ulysses could not shard it; this model is not supported."
             )
         if targets is not None:
             # The model was called without labels (its loss is not computed through
@@ -215,6 +228,27 @@ class UlyssesHandle:
             b = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
             add_to_loss(out, aux.global_aux_loss(self.model, tuple(out.router_logits), ctx, b), coef)
         return out
+
+    @contextlib.contextmanager
+    def _own_random_stream(self) -> Iterator[None]:
+        """In a training forward with dropout, give every SP rank its own random stream.
+
+        SP ranks share one seed, so without this each rank would draw the same dropout mask for its
+        chunk of the sequence (and, after the exchange, for its group of heads): masks would repeat
+        across chunks and head groups. Each rank draws from a stream derived from the shared one and
+        its SP rank; the shared stream advances by one draw on every rank alike and is restored
+        afterwards, so everything outside the model still sees identical random numbers on SP peers.
+        Activation-checkpoint recomputation replays the stream it saved, as without SP.
+        """
+        if not (self.model.training and self.plan.dropout) or self.sp_size == 1:
+            yield
+            return
+        device = next(self.model.parameters()).device
+        devices = [device] if device.type == "cuda" else []
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
+            torch.manual_seed(seed + 1_000_003 * (self.sp_rank + 1))
+            yield
 
     def _running_context(self) -> ForwardContext | None:
         """The context of the SP forward running now (for non-attention mixers); ``None`` in a
@@ -265,38 +299,51 @@ class UlyssesHandle:
         given = call.get("position_ids")
         ids = call.get("input_ids")
         zeros = torch.zeros(b, s_local, dtype=torch.long, device=device)
-        rows = [given.expand(b, s_local).long() if given is not None else zeros,
-                (mask if mask is not None else torch.ones_like(zeros)).long()]
+        # Positions as [planes, b, s/sp]: one plane, or mrope's 3 (or 4, the first being the text
+        # positions transformers detects packing from) for models that take 3-D position_ids.
+        planes = _position_planes(given, b, s_local) if given is not None else zeros[None]
+        rows = [*planes, (mask if mask is not None else torch.ones_like(zeros)).long()]
         if label_src is not None:
             rows.append(label_src.long().to(device))
-        if given is None and plan.positions == "from_input_ids" and ids is not None:
+        derive_from_ids = given is None and plan.positions == "from_input_ids" and ids is not None
+        if derive_from_ids:
             rows.append(ids.long())
         full = gather_sequence(torch.stack(rows), self.group, dim=2)  # one collective: [rows, b, seq]
+        p = len(planes)
+        full_mask, full_labels = full[p], full[p + 1] if label_src is not None else None
         lo = self.sp_rank * s_local
 
         if given is not None:
-            positions = full[0]
+            # transformers reads documents from 2-D positions and from the text plane of 4-plane mrope
+            # positions; 3-plane mrope positions describe no documents.
+            text = full[0] if p in (1, 4) else None
+            positions = text if text is not None else torch.arange(full.shape[-1], device=device).expand(b, -1)
         else:
             # Global positions, derived as the model would on the full sequence: local ones
             # (0..s/sp-1 on every rank) silently corrupt RoPE and learned positions.
             positions = derive_positions(plan.positions, b, full.shape[-1], device,
-                                         mask=full[1] if mask is not None else None,
-                                         input_ids=full[-1] if len(rows) > 2 + (label_src is not None) else None,
+                                         mask=full_mask if mask is not None else None,
+                                         input_ids=full[-1] if derive_from_ids else None,
                                          padding_idx=plan.padding_idx)
             call["position_ids"] = positions[:, lo : lo + s_local]
-        metadata = SequenceMetadata.from_gathered(positions, full[1].bool() if mask is not None else None)
-        if given is None:
+        metadata = SequenceMetadata.from_gathered(positions, full_mask.bool() if mask is not None else None)
+        if given is None or p == 3:
             metadata.doc_ids = None  # derived positions never describe packed documents
+        elif mask is not None and metadata.doc_ids is not None:
+            self._packed_with_mask()
+        if "cache_position" in self._signature.parameters and call.get("cache_position") is None:
+            # the index of each token in the whole row, as the non-SP model numbers it
+            call["cache_position"] = torch.arange(lo, lo + s_local, device=device)
         num_valid: Tensor | int = 0
         targets = None
         if label_src is not None:
-            if plan.objective == "masked":
-                target_full = full[2]
+            if plan.objective == "masked" or shift is not None:
+                target_full = full_labels
             else:
-                target_full = full[2] if shift is not None else shift_labels_full(full[2], IGNORE_INDEX)
+                target_full = shift_labels_full(full_labels, IGNORE_INDEX)
             if mask is not None:
                 # A padding query attends to no real token; what it "predicts" is backend noise.
-                target_full = target_full.masked_fill(full[1] == 0, IGNORE_INDEX)
+                target_full = target_full.masked_fill(full_mask == 0, IGNORE_INDEX)
             num_valid = (target_full != IGNORE_INDEX).sum()  # a tensor: no host sync on GPUs
             local = target_full[:, lo : lo + s_local]
             if external:
@@ -306,6 +353,20 @@ class UlyssesHandle:
         ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid)
         call[CONTEXT_KWARG] = ctx
         return ctx, targets
+
+    def _packed_with_mask(self) -> None:
+        """Packed rows (positions restarting) given together with an attention_mask."""
+        if self.packed_documents == "split":
+            return  # documents kept apart, padding masked: the documented opt-in
+        raise ValueError(
+            "this batch has packed rows (position_ids restart inside a row) *and* an attention_mask. transformers "
+            "keeps packed documents apart only when no attention_mask is given: with a mask, the non-SP model "
+            "attends across the documents of a row and masks only the padding, whereas SP would keep them apart, so "
+            "turning SP on would change what is trained. Drop the attention_mask (padding that restarts its "
+            "positions is its own document, as in lightning_ulysses.pack_documents and transformers' "
+            "DataCollatorWithFlattening), or pass packed_documents='split' to the strategy / apply_ulysses to keep "
+            "documents apart and mask the padding."
+        )
 
     def _context_from(self, kwargs: dict[str, Any]) -> ForwardContext:
         ctx = kwargs.pop(CONTEXT_KWARG, None) or self._current
@@ -337,6 +398,18 @@ class UlyssesHandle:
         return sp_mean(local_sum, total, ctx.group)
 
 
+def _position_planes(given: Tensor, b: int, s_local: int) -> list[Tensor]:
+    """``position_ids`` (``[s]``, ``[b | 1, s]`` or mrope's ``[planes, b | 1, s]``) as ``[b, s]`` planes."""
+    given = given.long()
+    if given.dim() == 1:
+        given = given[None]
+    if given.dim() == 2:
+        return [given.expand(b, s_local)]
+    if given.dim() == 3:
+        return list(given.expand(given.shape[0], b, s_local).unbind(0))
+    raise ValueError(f"position_ids of shape {tuple(given.shape)}: expected [batch, seq/sp] or [planes, batch, seq/sp].")
+
+
 def find_hf_models(module: nn.Module) -> list[nn.Module]:
     """The outermost transformers ``PreTrainedModel`` instances inside ``module`` (itself included)."""
     from transformers import PreTrainedModel
@@ -350,14 +423,14 @@ def find_hf_models(module: nn.Module) -> list[nn.Module]:
 
 def apply_ulysses(
     model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1,
-    debug_skip_attention: bool = False,
+    debug_skip_attention: bool = False, packed_documents: PackedDocuments = "refuse",
 ) -> UlyssesHandle:
     """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
 
     After this call every rank of ``sp_group`` calls the model with its own contiguous chunk
     (rank ``r`` holds tokens ``[r*s/sp, (r+1)*s/sp)``)::
 
-        out = model(input_ids=[b, s/sp], position_ids=[b, s/sp] (global, optional),
+        out = model(input_ids=[b, s/sp], position_ids=[b, s/sp] or [3, b, s/sp] (global, optional),
                     attention_mask=[b, s/sp] (padding, optional), labels=[b, s/sp] or
                     shift_labels=[b, s/sp] (shifted on the full sequence))
 
@@ -383,6 +456,10 @@ def apply_ulysses(
             kernel keeps for backward and every projection in the graph), so that the memory limit of
             a configuration — the longest sequence that fits — is found in a fraction of the time;
             the last layer still computes attention, so its transient peak counts. Warns when applied.
+        packed_documents: what a batch with packed rows (``position_ids`` restarting inside a row)
+            *and* an ``attention_mask`` means. transformers keeps documents apart only without a
+            mask, so the non-SP model attends across them; ``"refuse"`` (default) raises at that
+            forward, ``"split"`` keeps documents apart and masks the padding.
 
     Raises:
         UnsupportedModelError: the model cannot run exactly under SP (README, "Supported models"):
@@ -391,4 +468,4 @@ def apply_ulysses(
             with the numbers and the fix.
     """
     return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks,
-                         debug_skip_attention=debug_skip_attention)
+                         debug_skip_attention=debug_skip_attention, packed_documents=packed_documents)

@@ -31,10 +31,12 @@ class ForwardContext:
         local_len: ``seq / sp`` tokens held by this rank.
         metadata: full-sequence positions, padding and documents.
         num_valid: labels that count toward the loss over the whole sequence (all SP ranks).
+        gathered: per-token tensors of this forward already gathered over ``group``
+            (:func:`~lightning_ulysses.models.whole_sequence.gathered`), by id.
     """
 
     __slots__ = ("group", "sp_rank", "sp_size", "local_len", "metadata", "num_valid", "attention_calls",
-                 "loss_calls")
+                 "loss_calls", "gathered")
 
     def __init__(self, group: ProcessGroup, sp_rank: int, sp_size: int, local_len: int,
                  metadata: SequenceMetadata, num_valid: Tensor | int) -> None:
@@ -46,3 +48,4 @@ class ForwardContext:
         self.num_valid = num_valid
         self.attention_calls = 0
         self.loss_calls = 0
+        self.gathered: dict[int, tuple] = {}

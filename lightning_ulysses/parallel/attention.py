@@ -194,6 +194,7 @@ def make_ulysses_attention(
     debug_attend_layer: int | None = None,
     per_head: dict[int, dict[str, int]] | None = None,
     windows: dict[int, int] | None = None,
+    chunks: dict[int, int] | None = None,
 ) -> Callable[..., tuple[Tensor, None]]:
     """Build the attention function registered for one model.
 
@@ -211,7 +212,8 @@ def make_ulysses_attention(
     ``per_head`` maps an attention module (by ``id``) to its own parameters indexed by query head
     (name → head dimension), e.g. attention sinks: the backend sees them sliced to this rank's heads.
     ``windows`` maps an attention module (by ``id``) to the sliding window the model puts only in
-    its mask, not in the backend call. A module whose query / KV head counts differ from the config's (multi-query variants, mixtures
+    its mask, not in the backend call; ``chunks`` maps one to its chunked-local-attention size
+    (:meth:`~.masks.SequenceMetadata.chunked`). A module whose query / KV head counts differ from the config's (multi-query variants, mixtures
     of attention heads) gets its own layout, validated against ``sp`` at its first call.
 
     ``debug_attend_layer`` (debug only, see ``apply_ulysses(debug_skip_attention=True)``): every
@@ -221,6 +223,7 @@ def make_ulysses_attention(
     layout.check_overlap(overlap_chunks)
     per_head = per_head or {}
     windows = windows or {}
+    chunks = chunks or {}
     layouts = {(layout.num_heads, layout.num_kv_heads): layout}
 
     def ulysses_attention(
@@ -259,16 +262,17 @@ def make_ulysses_attention(
             kwargs["sliding_window"] = windows[id(module)]
         sliding_window = kwargs.get("sliding_window")
         causal = bool(kwargs.pop("is_causal", getattr(module, "is_causal", True)))
+        meta = ctx.metadata.chunked(chunks[id(module)]) if id(module) in chunks else ctx.metadata
         # sdpa/eager: documents, padding and window bands as separate calls, no [s, s] mask
         # (segments.py); every other pattern/backend takes the mask of masks.py.
-        plan = plan_segments(ctx.metadata, backend, sliding_window, causal)
+        plan = plan_segments(meta, backend, sliding_window, causal)
         if plan is not None:
             attend = plan.bind(lambda m, extra: _backend_call(backend, module, m, {**kwargs, **extra}, local), backend)
         else:
-            mask, extra = ctx.metadata.for_backend(backend, sliding_window, causal, query.dtype)
+            mask, extra = meta.for_backend(backend, sliding_window, causal, query.dtype)
             kwargs.update(extra)
             # Backends that read positions (flash's packed-sequence detection) must see global ones.
-            kwargs["position_ids"] = ctx.metadata.position_ids
+            kwargs["position_ids"] = meta.position_ids
             attend = _backend_call(backend, module, mask, kwargs, local)
         if debug_attend_layer is not None and getattr(module, "layer_idx", debug_attend_layer) != debug_attend_layer:
             attend = _debug_skipped_attention

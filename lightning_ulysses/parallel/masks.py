@@ -69,6 +69,32 @@ class SequenceMetadata:
             valid = None
         return cls(position_ids=position_ids, valid=valid, doc_ids=document_ids(position_ids))
 
+    def chunked(self, chunk_size: int) -> "SequenceMetadata":
+        """The metadata of chunked local attention (``attention_chunk_size``): tokens attend only
+        inside their chunk of ``chunk_size`` tokens, counted from each row's first real token (as
+        transformers' chunked mask counts them past left padding). Chunk borders are document
+        borders, so every backend path that honours packed documents honours chunks, and the
+        positions restart at each border so flash's packed-sequence detection sees them too."""
+        key = ("chunked", chunk_size)
+        if key not in self._cache:
+            b, s = self.batch_size, self.seq_len
+            device = self.position_ids.device
+            idx = torch.arange(s, device=device).expand(b, s)
+            if self.valid is not None:
+                left = (self.valid.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+                idx = idx - left
+            chunk = torch.div(idx, chunk_size, rounding_mode="floor")
+            doc = self.doc_ids if self.doc_ids is not None else torch.zeros_like(chunk)
+            run = doc * (2 * s + 2) + chunk + s  # non-decreasing along the row: one run per (document, chunk)
+            starts = torch.nn.functional.pad(torch.diff(run, dim=-1) != 0, (1, 0), value=True)
+            run_id = starts.long().cumsum(-1) - 1
+            first = torch.zeros_like(run_id).scatter_reduce(
+                1, run_id, torch.arange(s, device=device).expand(b, s), reduce="amin", include_self=False)
+            positions = torch.arange(s, device=device) - first.gather(1, run_id)
+            self._cache[key] = SequenceMetadata(position_ids=positions, valid=self.valid,
+                                                doc_ids=document_ids(positions))
+        return self._cache[key]
+
     @property
     def batch_size(self) -> int:
         return self.position_ids.shape[0]

@@ -117,6 +117,15 @@ def _pick_layers(values: list[Any], n: int) -> list[Any]:
     return picked
 
 
+# Architectures whose default config cannot build a working model, or whose settings sit in
+# parameter-group sub-configs the generic shrinking does not reach (DBRX: its default attn_config
+# has no rope_theta and clips q/k/v with None, which torch.clamp rejects).
+_ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
+}
+
+
 def build_tiny(model_type: str, model_cls_name: str, attn: str | None = None, seed: int = 0,
                dtype: torch.dtype = DTYPE, **extra: Any):
     """Build ``model_cls_name`` from a tiny config of ``model_type`` (float32, fixed seed)."""
@@ -128,6 +137,7 @@ def build_tiny(model_type: str, model_cls_name: str, attn: str | None = None, se
     kwargs = tiny_config_kwargs(defaults)
     if "output_router_logits" in defaults:  # MoE: the load-balancing loss is part of what is compared
         kwargs["output_router_logits"] = True
+    kwargs.update(_ARCH_OVERRIDES.get(model_type, {}))
     kwargs.update(extra)
     config = AutoConfig.for_model(model_type, **kwargs)
     cls = getattr(transformers, model_cls_name)

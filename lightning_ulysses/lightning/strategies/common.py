@@ -54,8 +54,13 @@ class UlyssesMixin:
 
     def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool,
                       overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True,
-                      debug_skip_attention: bool = False) -> None:
+                      debug_skip_attention: bool = False, packed_documents: str = "refuse",
+                      batch_axes: dict[str, int | None] | None = None) -> None:
         self._debug_skip_attention = debug_skip_attention  # apply_ulysses warns when it is on
+        if packed_documents not in ("refuse", "split"):
+            raise ValueError(f"packed_documents must be 'refuse' or 'split', got {packed_documents!r}.")
+        self._packed_documents = packed_documents
+        self._batch_axes = dict(batch_axes or {})
         if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
             raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
         if eval_mode not in ("sp", "bypass"):
@@ -169,7 +174,8 @@ class UlyssesMixin:
         if not isinstance(dataloader.collate_fn, ShardingCollate):
             self._collates.append((dataloader, dataloader.collate_fn))
             dataloader.collate_fn = ShardingCollate(
-                dataloader.collate_fn, self.sp_rank, self.sp_size, fingerprint=self._check_batches
+                dataloader.collate_fn, self.sp_rank, self.sp_size, fingerprint=self._check_batches,
+                batch_axes=self._batch_axes,
             )
         return dataloader
 
@@ -228,7 +234,7 @@ class UlyssesMixin:
             )
         handles = [
             apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks,
-                          debug_skip_attention=self._debug_skip_attention)
+                          debug_skip_attention=self._debug_skip_attention, packed_documents=self._packed_documents)
             for m in models
         ]
         if self._unregister_group is None:

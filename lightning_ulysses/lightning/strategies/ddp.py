@@ -46,6 +46,13 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
             its attention computation (see :func:`~lightning_ulysses.apply_ulysses`), to find the memory
             limit of a configuration quickly. Off by default; warns loudly when on.
+        packed_documents: rows that are packed (``position_ids`` restarting inside a row) *and* carry an
+            ``attention_mask``: ``"refuse"`` (default) raises at the first such batch, because the
+            non-SP transformers model attends across their documents; ``"split"`` keeps the
+            documents (and the padding) apart, as in a packed row without a mask (README, "Packed rows").
+        batch_axes: ``{key: sequence axis}`` for per-token batch keys the sharding collate does not
+            know (``{key: None}`` passes a key whole); an unknown tensor with an axis of the row
+            length is refused otherwise (see :func:`~lightning_ulysses.shard_batch`).
 
     The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
     ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``. ``predict`` bypasses SP
@@ -69,6 +76,8 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         debug_skip_attention: bool = False,
+        packed_documents: Literal["refuse", "split"] = "refuse",
+        batch_axes: dict[str, int | None] | None = None,
     ) -> None:
         super().__init__(
             process_group_backend=process_group_backend,
@@ -79,7 +88,8 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
             gradient_as_bucket_view=gradient_as_bucket_view,
         )
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
-                           debug_skip_attention=debug_skip_attention)
+                           debug_skip_attention=debug_skip_attention,
+                           packed_documents=packed_documents, batch_axes=batch_axes)
 
     @override
     def _configure_launcher(self) -> None:

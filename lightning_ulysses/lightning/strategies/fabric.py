@@ -117,6 +117,10 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
             its attention computation (see :func:`~lightning_ulysses.apply_ulysses`), to find the memory
             limit of a configuration quickly. Off by default; warns loudly when on.
+        packed_documents: ``"refuse"`` (default) or ``"split"``: packed rows that also carry an
+            ``attention_mask``, as in :class:`~lightning_ulysses.UlyssesStrategy`.
+        batch_axes: sequence axes of batch keys the collate does not know, as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
         accelerator: set by Fabric from ``Fabric(accelerator=...)``.
         parallel_devices: set by Fabric from ``Fabric(devices=...)``.
         cluster_environment: set by Fabric (detected, or from ``Fabric(plugins=...)``).
@@ -147,6 +151,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         debug_skip_attention: bool = False,
+        packed_documents: Literal["refuse", "split"] = "refuse",
+        batch_axes: dict[str, int | None] | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -155,7 +161,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             timeout=timeout, start_method=start_method, **ddp_kwargs,
         )
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
-                           debug_skip_attention=debug_skip_attention)
+                           debug_skip_attention=debug_skip_attention,
+                           packed_documents=packed_documents, batch_axes=batch_axes)
 
     @override
     def _configure_launcher(self) -> None:
@@ -220,6 +227,10 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         process_group_backend: ``"nccl"``/``"gloo"``; default by device.
         timeout: timeout of every process group, the mesh's SP and DP groups included.
         debug_skip_attention: **debug only, wrong results**: as in :class:`UlyssesFabricStrategy`.
+        packed_documents: ``"refuse"`` (default) or ``"split"``: packed rows that also carry an
+            ``attention_mask``, as in :class:`~lightning_ulysses.UlyssesStrategy`.
+        batch_axes: sequence axes of batch keys the collate does not know, as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     def __init__(
@@ -238,13 +249,16 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         debug_skip_attention: bool = False,
+        packed_documents: Literal["refuse", "split"] = "refuse",
+        batch_axes: dict[str, int | None] | None = None,
     ) -> None:
         super().__init__(parallelize_fn=self._parallelize, save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
         self._init_sharding(sharding, param_dtype, reduce_dtype, reshard_after_forward)
         self._init_checkpointing(activation_checkpointing, offload_activations)
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
-                           debug_skip_attention=debug_skip_attention)
+                           debug_skip_attention=debug_skip_attention,
+                           packed_documents=packed_documents, batch_axes=batch_axes)
 
     @override
     def _configure_launcher(self) -> None:

@@ -161,6 +161,10 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         debug_skip_attention: **debug only, wrong results**: every attention layer but the last skips
             its attention computation (see :func:`~lightning_ulysses.apply_ulysses`), to find the memory
             limit of a configuration quickly. Off by default; warns loudly when on.
+        packed_documents: ``"refuse"`` (default) or ``"split"``: packed rows that also carry an
+            ``attention_mask``, as in :class:`~lightning_ulysses.UlyssesStrategy`.
+        batch_axes: sequence axes of batch keys the collate does not know, as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     strategy_name = "ulysses_fsdp"
@@ -184,6 +188,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         debug_skip_attention: bool = False,
+        packed_documents: Literal["refuse", "split"] = "refuse",
+        batch_axes: dict[str, int | None] | None = None,
     ) -> None:
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -191,7 +197,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         self._init_checkpointing(activation_checkpointing, offload_activations)
         self._offload_params = offload_params
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
-                           debug_skip_attention=debug_skip_attention)
+                           debug_skip_attention=debug_skip_attention,
+                           packed_documents=packed_documents, batch_axes=batch_axes)
 
     @override
     def _configure_launcher(self) -> None:

@@ -289,6 +289,7 @@ def patch_forward(module: nn.Module, sp_forward: Callable[..., Tensor],
         ctx = context_or_none(kwargs, get_context, hidden_states)
         if ctx is None:
             return original(hidden_states, *args, **kwargs)
+        ctx.attention_calls += 1  # a token mixer sharded by Ulysses: the forward did not bypass SP
         with torch.profiler.record_function(MIXER_LABEL):
             return sp_forward(self, ctx, hidden_states, *args, **kwargs)
 

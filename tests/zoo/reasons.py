@@ -1,0 +1,109 @@
+"""Refusal reasons of the support matrix, sorted into classes, each checked against the model.
+
+A refusal is only useful when its reason is true: "a composite model" for a model that is one
+model, or "does not dispatch its attention" for a model that does, sends the user the wrong way.
+:func:`reason_class` names the class of a refusal message; :func:`claim_holds` checks the class's
+claim on the refused model itself (its config and modules), independently of the analysis that
+wrote the message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from torch import nn
+
+# (class, pattern of the message); the first match wins
+CLASSES: list[tuple[str, str]] = [
+    ("composite", r"is a composite model"),
+    ("encoder-decoder", r"is an encoder-decoder model"),
+    ("no attention heads", r"has no attention heads"),
+    ("no position_ids", r"\.forward takes no position_ids"),
+    ("auxiliary loss", r"adds an auxiliary loss"),
+    ("own attention mask", r"computes its own attention mask|builds its attention mask itself"
+                           r"|uses a recurrent attention mask"),
+    ("convolution", r"mixes tokens through a convolution over the sequence"),
+    ("neighbouring tokens", r"mixes tokens through neighbouring tokens"),
+    ("inline attention", r"mixes tokens through attention or linear attention computed inline"),
+    ("unsupported mixer", r"mixes tokens through \w+"),
+    ("does not dispatch", r"does not dispatch its attention through transformers' AttentionInterface"),
+]
+
+
+def reason_class(message: str) -> str:
+    """The class of a refusal ``message`` (``"unclassified"`` when no pattern matches)."""
+    for name, pattern in CLASSES:
+        if re.search(pattern, message):
+            return name
+    return "unclassified"
+
+
+def _named(model: nn.Module, message: str) -> nn.Module | None:
+    """The module a message names (``module 'a.b.c'`` / ``attention module 'a.b.c'``)."""
+    found = re.search(r"module '([^']+)'", message)
+    return dict(model.named_modules()).get(found.group(1)) if found else None
+
+
+def _interface_calls(model: nn.Module, within: nn.Module | None = None) -> int:
+    """Attention functions the model's forward takes from transformers' ``AttentionInterface``
+    (only those taken inside ``within``'s forward, when given), counted by running it with the
+    registry's lookups wrapped: independent of the source reading the analysis does."""
+    from unittest import mock
+
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    state = {"calls": 0, "inside": within is None}
+    registry = type(ALL_ATTENTION_FUNCTIONS)
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            state["calls"] += state["inside"]
+            return fn(*args, **kwargs)
+        return call
+
+    get_interface, getitem = registry.get_interface, registry.__getitem__
+    hooks = []
+    if within is not None:
+        hooks.append(within.register_forward_pre_hook(lambda *a: state.update(inside=True)))
+        hooks.append(within.register_forward_hook(lambda *a: state.update(inside=False)))
+    try:
+        with mock.patch.object(registry, "get_interface", lambda self, *a: counted(get_interface(self, *a))), \
+                mock.patch.object(registry, "__getitem__", lambda self, k: counted(getitem(self, k))), torch.no_grad():
+            kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+            model(input_ids=torch.randint(4, 64, (1, 8)), **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return state["calls"]
+
+
+def claim_holds(cls: str, model: nn.Module, message: str) -> bool:
+    """Whether refusal class ``cls`` is true of ``model`` (a tiny build of the refused class)."""
+    from lightning_ulysses.models.analysis import _component_configs
+
+    config = model.config
+    if cls == "composite":
+        return bool(_component_configs(config))
+    if cls == "encoder-decoder":
+        return bool(getattr(config, "is_encoder_decoder", False))
+    if cls == "no attention heads":
+        return not getattr(config, "num_attention_heads", None)
+    if cls == "no position_ids":
+        base = getattr(model, model.base_model_prefix, model)
+        return "position_ids" not in inspect.signature(base.forward).parameters
+    if cls == "auxiliary loss":
+        return hasattr(config, "output_router_logits")
+    if cls in ("own attention mask", "neighbouring tokens", "unsupported mixer"):
+        named = _named(model, message)
+        return named is not None or cls == "own attention mask"  # a model-level mask names no module
+    if cls == "convolution":
+        named = _named(model, message)
+        return isinstance(named, (nn.Conv1d,)) and named.kernel_size[0] > 1
+    if cls == "inline attention":
+        named = _named(model, message)
+        return named is not None and _interface_calls(model, within=named) == 0
+    if cls == "does not dispatch":
+        return _interface_calls(model) == 0
+    return False
