@@ -300,3 +300,38 @@ def test_dropout_masks_differ_across_sp_ranks():
     masks, same_stream = run_distributed(_dropout_masks, 2, 2)[0]
     assert same_stream
     assert not torch.equal(masks[0], masks[1])  # without per-rank streams both chunks get one mask
+
+
+def _packed_for_encoder(rank, world, policy):
+    """BERT (bidirectional masks, which never read position_ids) on packed rows without a mask."""
+    from tests.zoo.configs import build_tiny
+
+    dims = build_mesh("cpu", 2)
+    ids, pos, _, _ = _packed_rows()
+    ref, model = (build_tiny("bert", "BertForMaskedLM", dtype=torch.float32) for _ in range(2))
+    handle = apply_ulysses(model, dims.sp_group, packed_documents=policy)
+    try:
+        with torch.no_grad():
+            out = model(**shard_batch({"input_ids": ids, "position_ids": pos}, dims.sp_rank, 2))
+    except ValueError as e:
+        return str(e)
+    finally:
+        handle.remove()
+    # documents kept apart on request: each equals the non-SP model on that document alone
+    lo = dims.sp_rank * 12
+    expected = torch.zeros(2, 24, out.logits.shape[-1])
+    with torch.no_grad():
+        for row in range(2):
+            starts = [i for i in range(24) if pos[row, i] == 0] + [24]
+            for a, b in zip(starts, starts[1:]):
+                expected[row, a:b] = ref(input_ids=ids[row:row + 1, a:b], position_ids=pos[row:row + 1, a:b]).logits[0]
+    assert_close_rel(out.logits, expected[:, lo:lo + 12], name="split documents")
+    return "split"
+
+
+def test_packed_rows_a_model_attends_across_are_refused():
+    """Without SP, BERT attends across packed documents (its masks ignore position restarts): SP
+    refuses rather than keep them apart silently, and splits them only when asked."""
+    results = run_distributed(_packed_for_encoder, 2, "refuse")
+    assert all("BertForMaskedLM, whose attention masks do not read position_ids" in r for r in results), results
+    assert run_distributed(_packed_for_encoder, 2, "split") == ["split"] * 2

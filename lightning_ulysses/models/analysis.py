@@ -80,6 +80,10 @@ class ModelPlan:
         offset_modules: attention modules numbering their tokens from the cache length, given the
             chunk's global offset (:mod:`.whole_sequence`).
         dropout: modules that draw random numbers in training (dropout ``p > 0``), by name.
+        splits_packed_rows: the model itself keeps packed documents apart (its masks are causal and
+            built from ``position_ids``, which transformers scans for restarts when no mask is
+            given); otherwise the non-SP model attends across them and SP refuses packed rows
+            unless ``packed_documents="split"``.
     """
 
     objective: Objective | None
@@ -96,6 +100,7 @@ class ModelPlan:
     position_modules: list[str] = field(default_factory=list)
     offset_modules: list[str] = field(default_factory=list)
     dropout: list[str] = field(default_factory=list)
+    splits_packed_rows: bool = True
 
 
 _MASK_BUILDERS = re.compile(r"create_(causal|bidirectional|sliding_window_causal|bidirectional_sliding_window"
@@ -322,6 +327,39 @@ def _derives_positions_from_mask(src: str) -> bool:
     return "cumsum" in src and "attention_mask" in src and "position" in src
 
 
+_MASK_CALL = re.compile(r"(?<!def )create_(causal|sliding_window_causal|chunked_causal|bidirectional"
+                        r"|bidirectional_sliding_window)_mask\(")
+_PASSES_POSITIONS = re.compile(r"position_ids\s*=\s*position_ids|[\"']position_ids[\"']\s*:")
+
+
+def _call_arguments(src: str, start: int) -> str:
+    """The argument text of the call whose opening parenthesis ends at ``start``."""
+    depth, i = 1, start
+    while depth and i < len(src):
+        depth += {"(": 1, ")": -1}.get(src[i], 0)
+        i += 1
+    return src[start:i - 1]
+
+
+def _splits_packed_rows(model: nn.Module) -> bool:
+    """Whether the non-SP model keeps packed documents apart when called without a mask.
+
+    transformers finds packed documents from ``position_ids`` restarts inside its causal mask
+    builders, and only when the model hands them the positions; bidirectional builders never do.
+    Read from the mask-building calls of the model's own code, so a model that builds its masks
+    some other way is covered without a list of names.
+    """
+    for src in {_source(type(m)) for m in model.modules()}:
+        for call in _MASK_CALL.finditer(src):
+            if call.group(1).startswith("bidirectional"):
+                return False
+            args = _call_arguments(src, call.end())
+            # a kwargs dict (``create_causal_mask(**mask_kwargs)``) is built in the same function
+            if not _PASSES_POSITIONS.search(args) and not ("**" in args and _PASSES_POSITIONS.search(src)):
+                return False
+    return True
+
+
 def _check_masks(model: nn.Module, has_mixers: bool) -> None:
     name = type(model).__name__
     sources = {type(m): _source(type(m)) for m in model.modules()}
@@ -523,6 +561,7 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             "positions; not supported."
         )
     _check_masks(model, has_mixers=bool(plan.mixers))
+    plan.splits_packed_rows = _splits_packed_rows(model)
     _whole_sequence_modules(model, plan)
     plan.windows = _implicit_windows(model, plan.attention)
     plan.chunks = _chunked_layers(model, plan.attention)

@@ -329,8 +329,8 @@ class UlyssesHandle:
         metadata = SequenceMetadata.from_gathered(positions, full_mask.bool() if mask is not None else None)
         if given is None or p == 3:
             metadata.doc_ids = None  # derived positions never describe packed documents
-        elif mask is not None and metadata.doc_ids is not None:
-            self._packed_with_mask()
+        elif metadata.doc_ids is not None and (mask is not None or not plan.splits_packed_rows):
+            self._packed_rows_differ(with_mask=mask is not None)
         if "cache_position" in self._signature.parameters and call.get("cache_position") is None:
             # the index of each token in the whole row, as the non-SP model numbers it
             call["cache_position"] = torch.arange(lo, lo + s_local, device=device)
@@ -354,18 +354,25 @@ class UlyssesHandle:
         call[CONTEXT_KWARG] = ctx
         return ctx, targets
 
-    def _packed_with_mask(self) -> None:
-        """Packed rows (positions restarting) given together with an attention_mask."""
+    def _packed_rows_differ(self, with_mask: bool) -> None:
+        """Packed rows (positions restarting) that the non-SP model would attend across: given with
+        an attention_mask, or to a model whose masks ignore the restarts."""
         if self.packed_documents == "split":
             return  # documents kept apart, padding masked: the documented opt-in
-        raise ValueError(
-            "this batch has packed rows (position_ids restart inside a row) *and* an attention_mask. transformers "
-            "keeps packed documents apart only when no attention_mask is given: with a mask, the non-SP model "
-            "attends across the documents of a row and masks only the padding, whereas SP would keep them apart, so "
-            "turning SP on would change what is trained. Drop the attention_mask (padding that restarts its "
-            "positions is its own document, as in lightning_ulysses.pack_documents and transformers' "
-            "DataCollatorWithFlattening), or pass packed_documents='split' to the strategy / apply_ulysses to keep "
-            "documents apart and mask the padding."
+        if with_mask:
+            why = ("*and* an attention_mask. transformers keeps packed documents apart only when no attention_mask "
+                   "is given: with a mask, the non-SP model attends across the documents of a row and masks only the "
+                   "padding")
+            fix = ("Drop the attention_mask (padding that restarts its positions is its own document, as in "
+                   "lightning_ulysses.pack_documents and transformers' DataCollatorWithFlattening), or pass")
+        else:
+            why = (f"for {type(self.model).__name__}, whose attention masks do not read position_ids (bidirectional, "
+                   "or built without them), so the non-SP model attends across the documents of a packed row")
+            fix = "Do not pack rows for this model, or pass"
+        raise UnsupportedModelError(
+            f"this batch has packed rows (position_ids restart inside a row) {why}, whereas SP would keep them "
+            f"apart: turning SP on would change what is trained. {fix} packed_documents='split' to the strategy / "
+            "apply_ulysses to keep documents apart (and mask the padding)."
         )
 
     def _context_from(self, kwargs: dict[str, Any]) -> ForwardContext:
