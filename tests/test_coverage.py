@@ -230,7 +230,9 @@ def test_shards_are_contiguous():
 
 REASONS = [  # (arch, class, the refusal's class, or None: supported)
     ("dbrx", "DbrxForCausalLM", None),  # attn_config / ffn_config group settings of one model
-    ("granitemoehybrid", "GraniteMoeHybridForCausalLM", None),  # default config: Mamba2 layers only
+    # default config: Mamba2 layers only; exact where its mixer's forward has a form we run exactly
+    # (transformers 5.23), refused naming the mixer where not (5.14) — never "does not dispatch"
+    ("granitemoehybrid", "GraniteMoeHybridForCausalLM", (None, "unsupported mixer")),
     ("mpt", "MptForCausalLM", "inline attention"),  # attn_config groups settings; attention is inline
     ("gemma3", "Gemma3ForConditionalGeneration", "composite"),  # a vision tower beside the text model
     ("gptj", "GPTJForCausalLM", "does not dispatch"),
@@ -243,12 +245,13 @@ REASONS = [  # (arch, class, the refusal's class, or None: supported)
 def test_refusal_reason_is_true(arch, cls, expected):
     from tests.zoo.reasons import claim_holds, reason_class
 
+    allowed = expected if isinstance(expected, tuple) else (expected,)
     model = build_tiny(arch, cls, dtype=torch.float32)
     try:
         analyse_model(model, 2)
     except UnsupportedModelError as e:
         got = reason_class(str(e))
-        assert got == expected, f"{arch}: refused as {got!r} ({e}), expected {expected!r}"
+        assert got in allowed, f"{arch}: refused as {got!r} ({e}), expected {expected!r}"
         assert claim_holds(got, model, str(e))
     else:
-        assert expected is None, f"{arch} was accepted, expected a refusal as {expected!r}"
+        assert None in allowed, f"{arch} was accepted, expected a refusal as {expected!r}"

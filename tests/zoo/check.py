@@ -30,6 +30,10 @@ class Verdict:
     verdict: str  # exact | refused | untestable | wrong | foreign
     reason: str = ""
     details: dict[str, float] = field(default_factory=dict)
+    variant: str = ""  # "" for the default config; else the configuration row (tests/zoo/variants.py)
+    # how the default config was compared, reused by its configuration rows
+    dtype: str = "float64"
+    eval_mode: bool = False
 
 
 def _inputs(head: str, padded: bool) -> dict[str, torch.Tensor]:
@@ -88,12 +92,89 @@ def _is_random_in_training(model: torch.nn.Module, head: str) -> bool:
     return not torch.equal(a, b)
 
 
-def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "padded")) -> Verdict:
+def compare(ref: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch.Tensor], variant: str,
+            sp_group: Any, row: Verdict, real: torch.Tensor | None = None) -> dict[str, float] | Verdict | None:
+    """Run ``batch`` through ``ref`` (untouched) and ``model`` under SP; the group's worst relative
+    errors (logits at real tokens, loss, aux loss, gradients, gradient ratios), or ``row`` with its
+    verdict set (refused / foreign / untestable on the plain batch), or ``None`` when the non-SP
+    model itself fails on a non-plain batch. ``real [b, s]`` marks the tokens whose logits are
+    compared (default: the batch's ``attention_mask``, else all)."""
     from lightning_ulysses import apply_ulysses, shard_batch
     from lightning_ulysses.models.analysis import UnsupportedModelError
 
     sp = dist.get_world_size(sp_group)
     rank = dist.get_rank(sp_group)
+
+    def verdict(kind: str, reason: str) -> Verdict:
+        return Verdict(row.arch, row.head, row.cls, kind, reason, variant=row.variant)
+
+    ref.zero_grad(set_to_none=True)
+    try:
+        ref_out = _call(ref, batch)
+        if not torch.isfinite(ref_out.loss):
+            raise FloatingPointError("the non-SP loss is not finite")
+        ref_out.loss.backward()
+    except Exception as e:  # noqa: BLE001
+        if variant == "plain" or row.variant:
+            return verdict("untestable", f"the non-SP model fails: {type(e).__name__}: {e}"[:300])
+        return None
+    try:
+        handle = apply_ulysses(model, sp_group, packed_documents="refuse")
+    except UnsupportedModelError as e:
+        return verdict("refused", str(e))
+    except Exception as e:  # noqa: BLE001
+        return verdict("foreign", f"apply: {_short(e)}")
+    model.zero_grad(set_to_none=True)
+    try:
+        shard = shard_batch(batch, rank, sp)
+        out = _call(model, shard)
+        out.loss.backward()
+    except UnsupportedModelError as e:
+        handle.remove()
+        return verdict("refused", f"at forward ({variant}): {e}")
+    except Exception as e:  # noqa: BLE001
+        handle.remove()
+        return verdict("foreign", f"{variant}: {_short(e)}")
+    handle.remove()
+    seq = batch["input_ids"].shape[1]
+    chunk = seq // sp
+    lo = rank * chunk
+    if real is None:
+        real = batch.get("attention_mask", torch.ones(batch["input_ids"].shape))
+    valid = real[:, lo:lo + chunk].bool()
+    errs = {
+        f"{variant}/logits": _rel(out.logits[valid], ref_out.logits[:, lo:lo + chunk][valid]),
+        f"{variant}/loss": _rel(out.loss, ref_out.loss),
+    }
+    if getattr(ref_out, "aux_loss", None) is not None:
+        errs[f"{variant}/aux_loss"] = _rel(out.aux_loss, ref_out.aux_loss)
+    worst_grad, worst_ratio = 0.0, 0.0
+    pairs = [(p, q) for p, q in zip(model.parameters(), ref.parameters()) if p.grad is not None or q.grad is not None]
+    total = sum(float(q.grad.double().norm() ** 2) for _, q in pairs if q.grad is not None) ** 0.5
+    # Gradients that are zero in exact arithmetic (a key bias: softmax ignores a per-query
+    # constant) come out as rounding noise in both runs; they are measured against a floor of
+    # 1e-4 of the whole gradient's norm instead of their own norm.
+    floor = 1e-4 * total
+    for p, q in pairs:
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g, group=sp_group)
+        g /= sp
+        e = q.grad if q.grad is not None else torch.zeros_like(q)
+        err = (g.double() - e.double()).norm().item()
+        scale = max(e.double().norm().item(), floor, 1e-30)
+        worst_grad = max(worst_grad, err / scale)
+        if e.double().norm().item() >= floor:
+            ratio = (g.double().flatten() @ e.double().flatten() / (e.double().flatten() @ e.double().flatten())).item()
+            worst_ratio = max(worst_ratio, abs(ratio - 1))
+    errs[f"{variant}/grads"] = worst_grad
+    errs[f"{variant}/grad_ratio"] = worst_ratio
+    # Every rank decides on the worst error of the group so they agree on the verdict.
+    t = torch.tensor(list(errs.values()), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=sp_group)
+    return dict(zip(errs, t.tolist()))
+
+
+def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "padded")) -> Verdict:
     try:
         ref = build_tiny(arch, cls)
         model = build_tiny(arch, cls)
@@ -109,81 +190,28 @@ def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "
         # paths turn fully masked padding rows into NaN in float64: float32 then
         ref, model = build_tiny(arch, cls, dtype=torch.float32), build_tiny(arch, cls, dtype=torch.float32)
     note = ""
-    if _is_random_in_training(ref, head):
+    eval_mode = _is_random_in_training(ref, head)
+    if eval_mode:
         # e.g. sampled expert routing: no two runs agree, with or without SP. The deterministic
         # (eval) forward and backward are compared instead, and the verdict says so.
         ref.eval()
         model.eval()
         note = "compared in eval mode: the training forward samples random numbers"
+    how = {"dtype": str(next(ref.parameters()).dtype).removeprefix("torch."), "eval_mode": eval_mode}
     details: dict[str, float] = {}
     for variant in variants:
         batch = _inputs(head, variant == "padded")
-        ref.zero_grad(set_to_none=True)
-        try:
-            ref_out = _call(ref, batch)
-            if not torch.isfinite(ref_out.loss):
-                raise FloatingPointError("the non-SP loss is not finite")
-            ref_out.loss.backward()
-        except Exception as e:  # noqa: BLE001
-            if variant == "plain":
-                return Verdict(arch, head, cls, "untestable", f"the non-SP model fails: {type(e).__name__}: {e}"[:300])
+        result = compare(ref, model, batch, variant, sp_group, Verdict(arch, head, cls, ""))
+        if isinstance(result, Verdict):
+            return result
+        if result is None:
             # e.g. the model does not take a padding mask (or its eager path turns fully masked
             # padding rows into NaN); the plain case still decides, and the verdict says so.
             note = (note + "; " if note else "") + f"{variant} rows not compared: the non-SP model fails on them"
             continue
-        try:
-            handle = apply_ulysses(model, sp_group)
-        except UnsupportedModelError as e:
-            return Verdict(arch, head, cls, "refused", str(e))
-        except Exception as e:  # noqa: BLE001
-            return Verdict(arch, head, cls, "foreign", f"apply: {_short(e)}")
-        model.zero_grad(set_to_none=True)
-        try:
-            shard = shard_batch(batch, rank, sp)
-            out = _call(model, shard)
-            out.loss.backward()
-        except UnsupportedModelError as e:
-            handle.remove()
-            return Verdict(arch, head, cls, "refused", f"at forward ({variant}): {e}")
-        except Exception as e:  # noqa: BLE001
-            handle.remove()
-            return Verdict(arch, head, cls, "foreign", f"{variant}: {_short(e)}")
-        handle.remove()
-        chunk = SEQ // sp
-        lo = rank * chunk
-        valid = batch.get("attention_mask", torch.ones(BATCH, SEQ))[:, lo:lo + chunk].bool()
-        errs = {
-            f"{variant}/logits": _rel(out.logits[valid], ref_out.logits[:, lo:lo + chunk][valid]),
-            f"{variant}/loss": _rel(out.loss, ref_out.loss),
-        }
-        if getattr(ref_out, "aux_loss", None) is not None:
-            errs[f"{variant}/aux_loss"] = _rel(out.aux_loss, ref_out.aux_loss)
-        worst_grad, worst_ratio = 0.0, 0.0
-        pairs = [(p, q) for p, q in zip(model.parameters(), ref.parameters()) if p.grad is not None or q.grad is not None]
-        total = sum(float(q.grad.double().norm() ** 2) for _, q in pairs if q.grad is not None) ** 0.5
-        # Gradients that are zero in exact arithmetic (a key bias: softmax ignores a per-query
-        # constant) come out as rounding noise in both runs; they are measured against a floor of
-        # 1e-4 of the whole gradient's norm instead of their own norm.
-        floor = 1e-4 * total
-        for p, q in pairs:
-            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(g, group=sp_group)
-            g /= sp
-            e = q.grad if q.grad is not None else torch.zeros_like(q)
-            err = (g.double() - e.double()).norm().item()
-            scale = max(e.double().norm().item(), floor, 1e-30)
-            worst_grad = max(worst_grad, err / scale)
-            if e.double().norm().item() >= floor:
-                ratio = (g.double().flatten() @ e.double().flatten() / (e.double().flatten() @ e.double().flatten())).item()
-                worst_ratio = max(worst_ratio, abs(ratio - 1))
-        errs[f"{variant}/grads"] = worst_grad
-        errs[f"{variant}/grad_ratio"] = worst_ratio
-        # Both ranks decide on the worst error of the group so they agree on the verdict.
-        t = torch.tensor(list(errs.values()), dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=sp_group)
-        details.update(dict(zip(errs, t.tolist())))
+        details.update(result)
     bad = {k: v for k, v in details.items() if not v <= RTOL}
     if bad:
         worst = max(bad, key=bad.get)
-        return Verdict(arch, head, cls, "wrong", f"{worst} relative error {bad[worst]:.2e}", details)
-    return Verdict(arch, head, cls, "exact", note, details)
+        return Verdict(arch, head, cls, "wrong", f"{worst} relative error {bad[worst]:.2e}", details, **how)
+    return Verdict(arch, head, cls, "exact", note, details, **how)

@@ -121,8 +121,8 @@ def _pick_layers(values: list[Any], n: int) -> list[Any]:
 # parameter-group sub-configs the generic shrinking does not reach (DBRX: its default attn_config
 # has no rope_theta and clips q/k/v with None, which torch.clamp rejects).
 _ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
-    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
+    "dbrx": {"n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"hidden_size": HIDDEN, "ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
 }
 
 

@@ -12,12 +12,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
 
 from .check import Verdict, classify
+from .variants import classify_variant, variants_for
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "supported_models.md"
 SP = 2
@@ -33,19 +35,29 @@ def architectures() -> list[tuple[str, str, str]]:
     return items
 
 
-def _work(rank: int, world: int, batch: list[tuple[str, str, str]]) -> list[Verdict]:
+def _work(rank: int, world: int, batch: list[tuple[str, ...]]) -> list[Verdict]:
     import warnings
 
     warnings.filterwarnings("ignore")
     out = []
-    for arch, head, cls in batch:
-        out.append(classify(arch, head, cls, dist.group.WORLD))
+    for item in batch:
+        if len(item) > 3:  # (arch, head, class, variant, dtype, eval mode): a configuration row
+            out.append(classify_variant(*item[:4], dist.group.WORLD, *item[4:]))
+        else:
+            out.append(classify(*item, dist.group.WORLD))
         dist.barrier()
     return out
 
 
-def run_matrix(items: list[tuple[str, str, str]] | None = None, log=None) -> list[Verdict]:
-    """Classify ``items`` (default: all architectures) on ``SP`` fork-started gloo processes."""
+def variant_items(results: list[Verdict]) -> list[tuple[Any, ...]]:
+    """The configuration rows of every architecture exact with its default config."""
+    return [(v.arch, v.head, v.cls, variant, v.dtype, v.eval_mode) for v in results
+            if v.verdict == "exact" and not v.variant for variant in variants_for(v.arch, v.head, v.cls)]
+
+
+def run_matrix(items: list[tuple[str, ...]] | None = None, log=None) -> list[Verdict]:
+    """Classify ``items`` (default: all architectures; 4-tuples are configuration rows) on ``SP``
+    fork-started gloo processes."""
     items = architectures() if items is None else items
     results: list[Verdict] = []
     pg_timeout = datetime.timedelta(seconds=60)
@@ -58,7 +70,8 @@ def run_matrix(items: list[tuple[str, str, str]] | None = None, log=None) -> lis
                 try:
                     results += run_distributed(_work, SP, [item], timeout=300, pg_timeout=pg_timeout)[0]
                 except RuntimeError as e:
-                    results.append(Verdict(*item, "foreign", f"the worker died: {str(e)[-300:]}"))
+                    results.append(Verdict(*item[:3], "foreign", f"the worker died: {str(e)[-300:]}",
+                                           variant=item[3] if len(item) > 3 else ""))
         if log is not None:
             log(f"{len(results)}/{len(items)}")
     return results
@@ -69,10 +82,14 @@ def counts(results: list[Verdict]) -> Counter:
 
 
 def summary_line(results: list[Verdict]) -> str:
-    """The sentence the README carries (the support-matrix test checks it against a fresh run)."""
-    c = counts(results)
+    """The sentences the README carries (the support-matrix test checks them against a fresh run):
+    the architectures with their default configs, then the configuration rows."""
+    plain = [v for v in results if not v.variant]
+    rows = [v for v in results if v.variant]
+    c, r = counts(plain), counts(rows)
     return (f"**{c['exact']} exact, {c['refused']} refused with a reason, {c['untestable']} untestable** "
-            f"of {len(results)} causal / masked LM architectures")
+            f"of {len(plain)} causal / masked LM architectures, and **{r['exact']} exact, {r['refused']} refused, "
+            f"{r['untestable']} untestable** of their {len(rows)} configuration variants")
 
 
 def render(results: list[Verdict]) -> str:
@@ -101,9 +118,26 @@ def render(results: list[Verdict]) -> str:
         "| architecture | head | class | verdict | reason |",
         "|---|---|---|---|---|",
     ]
-    for v in sorted(results, key=lambda v: (v.arch, v.head)):
-        reason = v.reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {v.arch} | {v.head} | {v.cls} | {v.verdict} | {reason} |")
+    cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    for v in sorted((v for v in results if not v.variant), key=lambda v: (v.arch, v.head)):
+        lines.append(f"| {v.arch} | {v.head} | {v.cls} | {v.verdict} | {cell(v.reason)} |")
+    lines += [
+        "",
+        "## Configurations",
+        "",
+        "Every architecture exact with its default config, again with the settings long-context users change "
+        "(`tests/zoo/variants.py`): each RoPE type its config accepts (`rope:linear`, `rope:dynamic`, `rope:yarn`, "
+        "`rope:longrope`, `rope:llama3`) with the 32-token sequence past the scaling threshold (16), a sliding window "
+        "longer than one SP chunk (`window:24`), `token_type_ids` where the model takes them, and packed rows with a "
+        "padded pseudo-document (`packed+padded`, causal heads). A setting the config rejects or the model ignores is "
+        "untestable, with the reason; packed rows for a model whose own masks ignore document restarts are refused "
+        "at that batch (the non-SP model attends across the documents).",
+        "",
+        "| architecture | head | variant | verdict | reason |",
+        "|---|---|---|---|---|",
+    ]
+    for v in sorted((v for v in results if v.variant), key=lambda v: (v.arch, v.head, v.variant)):
+        lines.append(f"| {v.arch} | {v.head} | {v.variant} | {v.verdict} | {cell(v.reason)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,9 +147,11 @@ def main() -> None:
     only = sys.argv[1:]
     items = [i for i in architectures() if not only or i[0] in only]
     t = time.time()
-    results = run_matrix(items, log=lambda m: print(m, f"{time.time() - t:.0f}s", file=sys.stderr, flush=True))
+    log = lambda m: print(m, f"{time.time() - t:.0f}s", file=sys.stderr, flush=True)  # noqa: E731
+    results = run_matrix(items, log=log)
+    results += run_matrix(variant_items(results), log=log)
     for v in results:
-        print(f"{v.arch:28s} {v.head:7s} {v.verdict:10s} {v.reason[:200]!r}")
+        print(f"{v.arch:28s} {v.head:7s} {v.variant:15s} {v.verdict:10s} {v.reason[:200]!r}")
     print(counts(results))
     if not only:
         DOC.write_text(render(results))
