@@ -31,7 +31,8 @@ def _optimizer_by_index(state: dict[str, Any]) -> dict[str, Any]:
             index.setdefault(name, len(index))
             ids.append(index[name])
         groups.append({**group, "params": ids})
-    return {"state": {index[k]: v for k, v in state["state"].items()}, "param_groups": groups}
+    # an optimizer without per-parameter state (SGD without momentum) saves no "state" entry through DCP
+    return {"state": {index[k]: v for k, v in state.get("state", {}).items()}, "param_groups": groups}
 
 
 def consolidate_checkpoint(folder: str | Path, output_file: str | Path | None = None) -> dict[str, Any]:
