@@ -8,8 +8,9 @@
 * the check that a training loss went through an SP reduction (``check_loss``), and the SP group
   that :mod:`lightning_ulysses.losses.objectives` reduce over while SP is active;
 * predict under SP (``predict_mode="sp"``), with prediction writers on SP rank 0 only;
-* a stock ``ThroughputMonitor`` refused under SP (``UlyssesThroughputMonitor`` counts the job), and
-  checkpoints free of the patch.
+* a stock ``ThroughputMonitor`` refused under SP (``UlyssesThroughputMonitor`` counts the job);
+* checkpoints free of the patch, written atomically with a completion marker, checked before they
+  load and unpickled without running code (:mod:`lightning_ulysses.lightning.checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from __future__ import annotations
 import copy
 import os
 from functools import partial
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ...parallel.attention import check_overlap_chunks
 from ...parallel.comm import gather_sequence
+from ..checkpoint_io import remove_marker, resolve_for_load, safe_unpickling, write_atomically
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
 from ...models.apply import UlyssesHandle, apply_ulysses, find_hf_models
 from ...parallel.mesh import ParallelDims, build_mesh, validate_sp
@@ -319,6 +323,73 @@ class UlyssesMixin:
             if key in out:
                 out[key] = _restore_configs(out[key], names)
         return out
+
+    _sharded_checkpoints = False  # whether every rank writes (FSDP), or rank 0 alone (DDP)
+
+    def _write_checkpoint(self, path: Any, write: Callable[[Path], None], state: dict[str, Any]) -> None:
+        """Run ``write(staged)`` (the base strategy's save) through :func:`write_atomically`.
+
+        Called on every rank. Sharded checkpoints: every rank writes, so the ranks agree on the path and
+        wait for each other; otherwise only rank 0 writes and nobody waits (a DDP save may run on rank 0
+        alone).
+        """
+        sharded = self._sharded_checkpoints
+        if sharded:
+            path = self.broadcast(path)
+        step = state.get("global_step")
+        write_atomically(path, write, global_step=step if type(step) is int else None,
+                         is_rank_zero=self.is_global_zero, barrier=self.barrier if sharded else None)
+
+    def _read_checkpoint(self, path: Any, weights_only: bool | None, load: Callable[[Path], Any]) -> Any:
+        """Check the checkpoint at ``path`` (a torn ``last`` one falls back to the newest complete one),
+        then run ``load(path)`` (the base strategy's, with ``weights_only=True``) under
+        :func:`safe_unpickling`. Nothing is loaded from a checkpoint that fails either check."""
+        if weights_only is False:
+            rank_zero_warn(
+                f"{type(self).__name__} loads checkpoints with torch.load(weights_only=True) whatever weights_only "
+                "says; allow further types with torch.serialization.safe_globals([...]) around the call."
+            )
+        path = resolve_for_load(path, fall_back=self._is_last_checkpoint(path))
+        with safe_unpickling(path):
+            return load(path)
+
+    def _is_last_checkpoint(self, path: Any) -> bool:
+        """Whether ``path`` has the name a ``ModelCheckpoint`` of the Trainer gives its ``last`` checkpoint
+        (what ``ckpt_path="last"`` resolves to); always ``False`` under Fabric."""
+        module = getattr(self, "lightning_module", None)
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is None:
+            return False
+        path = Path(path)
+        return any(
+            path.suffix == cb.FILE_EXTENSION and path.stem.startswith(cb.CHECKPOINT_NAME_LAST)  # Lightning's own test
+            for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+        )
+
+
+class TrainerCheckpointsMixin:
+    """The Trainer strategies' checkpoint hooks, on :class:`UlyssesMixin`'s helpers (Fabric's signatures
+    differ: :class:`~.fabric.FabricUlyssesMixin`). Comes first in the bases."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write the checkpoint free of the patch, atomically, with its completion marker: the file (rank 0)
+        or DCP folder (every rank its shards) at ``filepath`` is the previous one or the new one, whole."""
+        checkpoint = self._clean_checkpoint(checkpoint)
+        save = super().save_checkpoint
+        self._write_checkpoint(filepath, lambda staged: save(checkpoint, staged, storage_options=storage_options),
+                               checkpoint)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a checked checkpoint with ``weights_only=True``; a torn one is refused before any weight
+        loads, a torn ``last.ckpt`` falls back to the newest complete one (warning)."""
+        load = super().load_checkpoint
+        return self._read_checkpoint(checkpoint_path, weights_only, lambda path: load(path, weights_only=True))
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove a checkpoint (top-k pruning) with its sidecar marker."""
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            remove_marker(filepath)
 
 
 def _default_worker_init(fn: Any) -> bool:

@@ -10,10 +10,10 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from .common import UlyssesMixin
+from .common import TrainerCheckpointsMixin, UlyssesMixin
 
 
-class UlyssesStrategy(UlyssesMixin, DDPStrategy):
+class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
     """Ulysses sequence parallelism for HuggingFace models, on top of Lightning's DDP.
 
     ``Trainer(strategy=UlyssesStrategy(sp=4), devices=8)`` builds a ``("dp", "sp")`` device mesh
@@ -113,10 +113,6 @@ class UlyssesStrategy(UlyssesMixin, DDPStrategy):
     def teardown(self) -> None:
         self._remove_ulysses()
         super().teardown()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        super().save_checkpoint(self._clean_checkpoint(checkpoint), filepath, storage_options=storage_options)
 
     @classmethod
     @override

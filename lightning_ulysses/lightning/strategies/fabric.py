@@ -10,7 +10,8 @@ group for :mod:`lightning_ulysses.losses.objectives`. What differs is only where
   but not wrapped, since DDP has nothing to reduce for it;
 * ``fabric.setup_dataloaders`` shards the batches; the batch check runs while the loop iterates
   (Fabric moves batches itself, without a strategy hook);
-* ``fabric.backward`` checks the loss, ``fabric.save`` writes checkpoints that load without SP.
+* ``fabric.backward`` checks the loss, ``fabric.save`` writes checkpoints that load without SP, atomically
+  with a completion marker, and ``fabric.load`` checks it and unpickles with ``weights_only=True``.
 
 Fabric has no stages: evaluation batches are sharded like training ones, so the models always run
 sharded (use :meth:`UlyssesFabricStrategy.bypass` to run them unpatched, e.g. to generate).
@@ -89,6 +90,21 @@ class FabricUlyssesMixin(UlyssesMixin):
         # HF configs saved next to the weights must not name this run's SP attention.
         names = {h.name: h for h in self._handles}
         return _restore_configs(state, names) if names else state
+
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Any | None = None,
+                        filter: dict[str, Callable[[str, Any], bool]] | None = None) -> None:
+        """``fabric.save``: the state free of the patch, written atomically with its completion marker."""
+        state = self._clean_state(state)
+        save = super().save_checkpoint
+        self._write_checkpoint(path, lambda staged: save(staged, state, storage_options=storage_options, filter=filter),
+                               state)
+
+    def load_checkpoint(self, path: Any, state: Any = None, strict: bool = True,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """``fabric.load``: a checked checkpoint, unpickled with ``weights_only=True``."""
+        load = super().load_checkpoint
+        return self._read_checkpoint(path, weights_only,
+                                     lambda checked: load(checked, state, strict=strict, weights_only=True))
 
     def teardown(self) -> None:
         """Remove Ulysses from every model and restore the dataloaders' collate functions."""
@@ -182,11 +198,6 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             return module  # frozen (reference model, teacher): DDP would refuse it and has nothing to reduce
         return super().setup_module(module)
 
-    @override
-    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Any | None = None,
-                        filter: dict[str, Callable[[str, Any], bool]] | None = None) -> None:
-        super().save_checkpoint(path, self._clean_state(state), storage_options=storage_options, filter=filter)
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -232,6 +243,8 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         batch_axes: sequence axes of batch keys the collate does not know, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
     """
+
+    _sharded_checkpoints = True  # every rank writes its shards
 
     def __init__(
         self,
@@ -290,11 +303,6 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         self._checkpoint_layers(module)
         self._shard(module)
         return module
-
-    @override
-    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Any | None = None,
-                        filter: dict[str, Callable[[str, Any], bool]] | None = None) -> None:
-        super().save_checkpoint(path, self._clean_state(state), storage_options=storage_options, filter=filter)
 
     @classmethod
     @override

@@ -20,7 +20,7 @@ from typing_extensions import override
 from ..activation_checkpointing import CheckpointHandle, checkpoint_decoder_layers, decoder_layers
 from ...models.apply import find_hf_models
 from ...parallel.mesh import world_mesh
-from .common import UlyssesMixin
+from .common import TrainerCheckpointsMixin, UlyssesMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLOAD_BACKEND = "cpu:gloo,cuda:nccl"
@@ -113,7 +113,7 @@ class FSDPShardingMixin:
             fully_shard(model, **kwargs)
 
 
-class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy):
+class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMixin, ModelParallelStrategy):
     """Ulysses sequence parallelism with parameters sharded by FSDP2.
 
     Same contract as :class:`~lightning_ulysses.UlyssesStrategy` (mesh, sampler, sharding collate,
@@ -168,6 +168,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
     """
 
     strategy_name = "ulysses_fsdp"
+    _sharded_checkpoints = True  # every rank writes its shards
 
     def __init__(
         self,
@@ -273,10 +274,6 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, UlyssesMixin, ModelParallelStrategy
         self._remove_ulysses()
         self._remove_checkpointing()
         super().teardown()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        super().save_checkpoint(self._clean_checkpoint(checkpoint), filepath, storage_options=storage_options)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
