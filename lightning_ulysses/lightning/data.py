@@ -234,6 +234,35 @@ def fingerprint_mismatch(fingerprints: Tensor) -> list[str]:
     return [key for key, bad in zip(FINGERPRINT_FIELDS, differs) if bad]
 
 
+def uneven_rows(samples: Any) -> tuple[str, list[int]] | None:
+    """The first per-token key whose samples differ in length, with the lengths; ``None`` if none do."""
+    if not isinstance(samples, (list, tuple)) or not samples or not all(isinstance(x, Mapping) for x in samples):
+        return None
+    for key, axis in SEQUENCE_AXES.items():
+        values = [x.get(key) for x in samples]
+        if any(v is None for v in values):
+            continue
+        # a sample is a batch row: its sequence axis is the batch's minus one (or the last for positions)
+        lengths = [v.shape[axis - 1 if axis > 0 else axis] if isinstance(v, Tensor) and v.dim() else
+                   len(v) if isinstance(v, (list, tuple)) else -1 for v in values]
+        if -1 not in lengths and len(set(lengths)) > 1:
+            return key, lengths
+    return None
+
+
+def ragged_batch_message(key: str, lengths: list[int]) -> str:
+    shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+    return (
+        f"the rows of this batch have different lengths ({key}: {shown} tokens), so they cannot be stacked into "
+        "one [batch, seq] tensor to shard over the SP group. The SP peers of this rank fail at the same batch; "
+        "ranks whose batch stacked report a lost connection (gloo: 'Connection closed by peer'): this is the "
+        "cause. Pad the rows to one length with a padding collator (transformers' DataCollatorForSeq2Seq, or "
+        "DataCollatorForLanguageModeling(mlm=False): labels padded with -100 and an attention_mask), or pack "
+        "them into one row (lightning_ulysses.pack_documents / PackingCollator / PackedDataset, or transformers' "
+        "DataCollatorWithFlattening), or use batch_size=1."
+    )
+
+
 class ShardingCollate:
     """Wraps a DataLoader's ``collate_fn``: collate full samples, then keep this rank's chunk.
 
@@ -257,7 +286,13 @@ class ShardingCollate:
         self.batch_axes = dict(batch_axes or {})
 
     def __call__(self, samples: Any) -> dict[str, Any]:
-        batch = self.collate_fn(samples)
+        try:
+            batch = self.collate_fn(samples)
+        except RuntimeError as error:  # torch.stack of unequal sizes, in default_collate or a user's collate
+            uneven = uneven_rows(samples)
+            if uneven is None:
+                raise
+            raise ValueError(ragged_batch_message(*uneven)) from error
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"UlyssesStrategy shards dict batches (input_ids, labels, attention_mask, position_ids); the "

@@ -2,6 +2,8 @@
 
 * :mod:`.analysis` — decides from the model's structure, before any forward, whether and how it
   runs exactly (:func:`~.analysis.analyse_model`, :class:`~.analysis.UnsupportedModelError`);
+* :mod:`.preflight` — what can be refused before the first forward: ``sp`` against the heads and the
+  world, attention backends that cannot run or train here;
 * :mod:`.apply` — :func:`~.apply.apply_ulysses` and its reversible :class:`~.apply.UlyssesHandle`;
 * :mod:`.context` — the per-forward state every layer and the loss share;
 * :mod:`.positions` — global positions derived as the model would derive them;

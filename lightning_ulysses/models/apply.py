@@ -45,6 +45,7 @@ from ..parallel.masks import SequenceMetadata
 from .moe import add_to_loss, wants_router_logits, zero_coefficient
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
+from .preflight import check_backend_available, check_backend_trains
 from .whole_sequence import apply_whole_sequence
 
 IGNORE_INDEX = -100
@@ -103,6 +104,7 @@ class UlyssesHandle:
                 "again (the Ulysses strategies apply it for you in setup)."
             )
         self.backend = check_backend(config._attn_implementation)
+        check_backend_available(self.backend)
         # Built (and its overlap_chunks validated) before anything of the model is touched.
         attend_layer = debug_attend_layer(model) if debug_skip_attention else None
         per_head = {id(model.get_submodule(name)): dims for name, dims in self.plan.per_head.items()}
@@ -192,6 +194,8 @@ class UlyssesHandle:
             self._current = None  # SP mixers run their own forward outside an SP forward
             with self.bypass():
                 return next_forward(*args, **kwargs)
+        if self.model.training and torch.is_grad_enabled():  # before a whole forward, not at its backward
+            check_backend_trains(self.backend, next(self.model.parameters()).device.type)
         call = bind_call(self._signature, args, kwargs)
         ctx, targets = self._prepare(call)
         self._current = ctx

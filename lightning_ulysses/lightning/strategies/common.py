@@ -8,6 +8,9 @@
 * the check that a training loss went through an SP reduction (``check_loss``), and the SP group
   that :mod:`lightning_ulysses.losses.objectives` reduce over while SP is active;
 * predict under SP (``predict_mode="sp"``), with prediction writers on SP rank 0 only;
+* configuration errors found before the first step: ``sp`` against the model's heads and the world,
+  attention backends that cannot run or train here (in the launching process when the model already
+  exists, else in ``setup``, reported by rank 0 alone), and a first training batch without labels;
 * a stock ``ThroughputMonitor`` refused under SP (``UlyssesThroughputMonitor`` counts the job);
 * checkpoints free of the patch, written atomically with a completion marker, checked before they
   load and unpickled without running code (:mod:`lightning_ulysses.lightning.checkpoint_io`).
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import copy
 import os
+import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -35,6 +40,7 @@ from ...parallel.comm import gather_sequence
 from ..checkpoint_io import remove_marker, resolve_for_load, safe_unpickling, write_atomically
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
 from ...models.apply import UlyssesHandle, apply_ulysses, find_hf_models
+from ...models.preflight import check_backend_available, check_backend_trains, check_sp_fits
 from ...parallel.mesh import ParallelDims, build_mesh, validate_sp
 from ...losses.objectives import is_sp_reduced, register_group_source
 
@@ -48,6 +54,26 @@ LOCAL_LOSS_ERROR = (
     "sp_shift_labels(batch)); see README, 'Custom objectives'. If the loss is rank-local on purpose, pass "
     "check_loss=False to the strategy."
 )
+
+NO_LABELS_ERROR = (
+    "the first training batch has no `labels` (nor `shift_labels`), so the HF model returned loss=None{how}. "
+    "Give the dataloader's rows `labels` (e.g. labels = input_ids, -100 where no loss is wanted; the strategy "
+    "shifts them on the full sequence), pass labels=... to the model in training_step, or compute your own "
+    "objective from the logits with lightning_ulysses.losses.objectives (sp_token_mean, sp_sequence_sum, "
+    "sp_gather_tokens); see README, 'Custom objectives'."
+)
+# How long ranks other than 0 wait before stopping on a configuration error every rank found, so that
+# rank 0's report is the one launchers show (the process observer of Lightning's script launcher kills
+# rank 0 once a child exits; multiprocessing launchers re-raise the first failure).
+PEER_GRACE_S = 10.0
+
+
+def _report_once(error: Exception, rank: int) -> NoReturn:
+    """Raise ``error`` on rank 0; other ranks, which found the same error, stop with one line."""
+    if rank == 0:
+        raise error
+    time.sleep(PEER_GRACE_S)
+    raise SystemExit(f"[rank {rank}] stopped by the {type(error).__name__} that rank 0 reports.")
 
 
 class UlyssesMixin:
@@ -74,6 +100,7 @@ class UlyssesMixin:
         self._predict_mode = predict_mode
         self._check_loss = check_loss
         self._loss_checked = False
+        self._labels_checked = False
         self._unregister_group: Any = None
         self._writer_patches: list[tuple[BasePredictionWriter, dict[str, Any]]] = []
         self._sp_requested = sp
@@ -124,6 +151,42 @@ class UlyssesMixin:
 
     def _validate_world(self) -> None:
         validate_sp(self.num_nodes * self.num_processes, self.sp_size)
+
+    def _guard_launch(self) -> None:
+        """Make the launcher run :meth:`_check_before_launch` before it starts any worker (the Trainer
+        knows the LightningModule only then, not when the launcher is configured)."""
+        launcher = getattr(self, "_launcher", None)
+        if launcher is not None and "launch" not in vars(launcher):
+            launcher.launch = partial(_checked_launch, self, launcher.launch)
+
+    def _check_before_launch(self, trainer: Any) -> None:
+        """The configuration checks that need the model, for models built in ``__init__``: run once in the
+        launching process, so the error comes before workers start instead of from every rank."""
+        module = self.lightning_module
+        if module is None or trainer is None:
+            return
+        if trainer.state.fn == TrainerFn.PREDICTING and self._predict_mode == "bypass":
+            return  # SP is not applied
+        models = find_hf_models(module)
+        if models:
+            rank = self.cluster_environment.global_rank() if self.cluster_environment is not None else 0
+            self._preflight(models, self.num_nodes * self.num_processes, trainer.state.fn == TrainerFn.FITTING, rank)
+
+    def _preflight(self, models: list[nn.Module], world: int, training: bool, rank: int) -> None:
+        """``sp`` against every model's heads and the world, and whether its attention backend runs (and
+        trains) here; the error is reported by rank 0 alone."""
+        device = self.root_device.type if getattr(self, "parallel_devices", None) else "cpu"
+        try:
+            for model in models:
+                backend = getattr(model.config, "_attn_implementation", None) or "eager"
+                if backend.startswith("ulysses_"):
+                    continue  # already applied: apply_ulysses says so
+                check_sp_fits(model, self.sp_size, world)
+                check_backend_available(backend)
+                if training:
+                    check_backend_trains(backend, device)
+        except ValueError as error:
+            _report_once(error, rank)
 
     def _build_mesh(self) -> None:
         # The strategy's timeout for the SP and DP groups too, so a stalled SP peer fails the job in time.
@@ -236,6 +299,9 @@ class UlyssesMixin:
                 f"{type(self).__name__} found no transformers PreTrainedModel in {where}. Without one the "
                 "sharded sequences would be attended locally."
             )
+        trainer = getattr(self.lightning_module, "_trainer", None) if hasattr(self, "lightning_module") else None
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._preflight(models, self.world_size, fitting, self.global_rank)
         handles = [
             apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks,
                           debug_skip_attention=self._debug_skip_attention, packed_documents=self._packed_documents)
@@ -244,6 +310,7 @@ class UlyssesMixin:
         if self._unregister_group is None:
             self._unregister_group = register_group_source(self._active_sp_group)
         self._loss_checked = False
+        self._labels_checked = False
         return handles
 
     def _active_sp_group(self) -> dist.ProcessGroup | None:
@@ -263,6 +330,32 @@ class UlyssesMixin:
                 self._writer_patches.append((cb, {n: cb.__dict__[n] for n in names if n in cb.__dict__}))
                 for n in names:
                     setattr(cb, n, _skip_write)
+
+    # -- the first training batches ---------------------------------------------------------------
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the step; until one step has a loss, name missing labels as the cause of a lost loss."""
+        if self._labels_checked or not self._handles:
+            return super().training_step(*args, **kwargs)
+        if not _lacks_labels(args[0] if args else kwargs.get("batch")):
+            self._labels_checked = True
+            return super().training_step(*args, **kwargs)
+        # labels may still come from the step itself (labels=input_ids) or a custom objective: judge the outcome
+        lossless: list[bool] = []
+        hooks = [h.model.register_forward_hook(partial(_note_lossless, lossless)) for h in self._handles]
+        try:
+            out = super().training_step(*args, **kwargs)
+        except Exception as error:
+            if any(lossless):
+                raise ValueError(NO_LABELS_ERROR.format(how=", and the training step failed on it")) from error
+            raise
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if any(lossless) and _step_loss(out) is None:
+            raise ValueError(NO_LABELS_ERROR.format(how=" and the training step returned no loss"))
+        self._labels_checked = True
+        return out
 
     # -- the loss check -------------------------------------------------------------------------
 
@@ -390,6 +483,26 @@ class TrainerCheckpointsMixin:
         super().remove_checkpoint(filepath)
         if self.is_global_zero:
             remove_marker(filepath)
+
+
+def _checked_launch(strategy: UlyssesMixin, launch: Callable[..., Any], function: Callable[..., Any], *args: Any,
+                    trainer: Any = None, **kwargs: Any) -> Any:
+    # module level (with partial) so that a spawn launcher can still pickle the strategy
+    strategy._check_before_launch(trainer)
+    return launch(function, *args, trainer=trainer, **kwargs)
+
+
+def _lacks_labels(batch: Any) -> bool:
+    return isinstance(batch, Mapping) and batch.get("labels") is None and batch.get("shift_labels") is None
+
+
+def _note_lossless(seen: list[bool], module: nn.Module, args: Any, output: Any) -> None:
+    if module.training and isinstance(output, Mapping) and "logits" in output:
+        seen.append(output.get("loss") is None)
+
+
+def _step_loss(out: Any) -> Any:
+    return out.get("loss") if isinstance(out, Mapping) else out
 
 
 def _default_worker_init(fn: Any) -> bool:

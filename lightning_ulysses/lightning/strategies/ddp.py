@@ -95,6 +95,7 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
     def _configure_launcher(self) -> None:
         self._validate_world()  # in the launching process, before any worker starts
         super()._configure_launcher()
+        self._guard_launch()  # the model-dependent checks, in the launching process too
 
     @override
     def setup_environment(self) -> None:

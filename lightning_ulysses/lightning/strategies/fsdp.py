@@ -205,6 +205,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
     def _configure_launcher(self) -> None:
         self._validate_world()
         super()._configure_launcher()
+        self._guard_launch()  # the model-dependent checks, in the launching process too
 
     @override
     def setup_environment(self) -> None:
