@@ -7,7 +7,9 @@ the loss and the gradients summed over the SP group / sp (relative 1e-5, gradien
   entering the mixer); no target is predicted from a padding position;
 * packed rows (also with padding): every document run alone through the non-SP model (state and
   convolution start from zero at each document), loss = sum over documents / all targets. HF's own
-  non-SP forward does not reset a mixer at a document start, so it is not the reference here.
+  non-SP forward does not reset a mixer at a document start, so by default SP refuses packed rows
+  for these models (the non-SP model would mix the documents); these cases opt in with
+  ``packed_documents="split"``, whose meaning is exactly "every document alone".
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def exact_here(family: str) -> bool:
 
 def _apply(model, group):
     """apply_ulysses, plus the mixers if this version of the handle does not apply them itself."""
-    handle = apply_ulysses(model, group)
+    handle = apply_ulysses(model, group, packed_documents="split")
     undos = []
     for _, sub in model.named_modules():
         mixer = sp_mixer_for(sub)

@@ -333,5 +333,5 @@ def test_packed_rows_a_model_attends_across_are_refused():
     """Without SP, BERT attends across packed documents (its masks ignore position restarts): SP
     refuses rather than keep them apart silently, and splits them only when asked."""
     results = run_distributed(_packed_for_encoder, 2, "refuse")
-    assert all("BertForMaskedLM, whose attention masks do not read position_ids" in r for r in results), results
+    assert all("BertForMaskedLM: its attention masks do not read position_ids" in r for r in results), results
     assert run_distributed(_packed_for_encoder, 2, "split") == ["split"] * 2

@@ -333,10 +333,10 @@ _PASSES_POSITIONS = re.compile(r"position_ids\s*=\s*position_ids|[\"']position_i
 
 
 def _call_arguments(src: str, start: int) -> str:
-    """The argument text of the call whose opening parenthesis ends at ``start``."""
+    """The text inside the bracket (a call's parenthesis, a dict's brace) that ends at ``start``."""
     depth, i = 1, start
     while depth and i < len(src):
-        depth += {"(": 1, ")": -1}.get(src[i], 0)
+        depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(src[i], 0)
         i += 1
     return src[start:i - 1]
 
@@ -354,10 +354,27 @@ def _splits_packed_rows(model: nn.Module) -> bool:
             if call.group(1).startswith("bidirectional"):
                 return False
             args = _call_arguments(src, call.end())
-            # a kwargs dict (``create_causal_mask(**mask_kwargs)``) is built in the same function
-            if not _PASSES_POSITIONS.search(args) and not ("**" in args and _PASSES_POSITIONS.search(src)):
+            if not _PASSES_POSITIONS.search(args) and not _kwargs_pass_positions(src, args):
                 return False
     return True
+
+
+def _kwargs_pass_positions(src: str, args: str) -> bool:
+    """Whether a ``**mask_kwargs`` in ``args`` holds ``position_ids``: the dict is built in the same
+    source (``mask_kwargs = {...}`` / ``dict(...)`` / ``other.copy()``, or
+    ``mask_kwargs["position_ids"] = ...``)."""
+    names = re.findall(r"\*\*(\w+)", args)
+    for name in names:
+        copied = re.search(rf"\b{name}\s*=\s*(\w+)\.copy\(\)", src)  # sliding_kwargs = mask_kwargs.copy()
+        if copied and copied.group(1) not in names:
+            names.append(copied.group(1))
+            continue
+        if re.search(rf"\b{name}\[\s*[\"']position_ids[\"']\s*\]\s*=", src):
+            return True
+        built = re.search(rf"\b{name}\s*=\s*(\{{|dict\()", src)
+        if built and _PASSES_POSITIONS.search(_call_arguments(src, built.end())):
+            return True
+    return False
 
 
 def _check_masks(model: nn.Module, has_mixers: bool) -> None:
@@ -561,7 +578,9 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
             "positions; not supported."
         )
     _check_masks(model, has_mixers=bool(plan.mixers))
-    plan.splits_packed_rows = _splits_packed_rows(model)
+    # transformers' mixers (Mamba, gated delta-net) carry their state across a document start
+    # without SP, where the SP mixers restart it: packed rows are split only on request.
+    plan.splits_packed_rows = _splits_packed_rows(model) and not plan.mixers
     _whole_sequence_modules(model, plan)
     plan.windows = _implicit_windows(model, plan.attention)
     plan.chunks = _chunked_layers(model, plan.attention)

@@ -370,8 +370,13 @@ class UlyssesHandle:
             fix = ("Drop the attention_mask (padding that restarts its positions is its own document, as in "
                    "lightning_ulysses.pack_documents and transformers' DataCollatorWithFlattening), or pass")
         else:
-            why = (f"for {type(self.model).__name__}, whose attention masks do not read position_ids (bidirectional, "
-                   "or built without them), so the non-SP model attends across the documents of a packed row")
+            if self.plan.mixers:
+                how = ("its token mixers (Mamba, linear attention) carry their state across a document start "
+                       "without SP")
+            else:
+                how = "its attention masks do not read position_ids (bidirectional, or built without them)"
+            why = (f"for {type(self.model).__name__}: {how}, so the non-SP model mixes the documents of a packed "
+                   "row")
             fix = "Do not pack rows for this model, or pass"
         raise UnsupportedModelError(
             f"this batch has packed rows (position_ids restart inside a row) {why}, whereas SP would keep them "

@@ -72,17 +72,23 @@ class SequenceMetadata:
     def chunked(self, chunk_size: int) -> "SequenceMetadata":
         """The metadata of chunked local attention (``attention_chunk_size``): tokens attend only
         inside their chunk of ``chunk_size`` tokens, counted from each row's first real token (as
-        transformers' chunked mask counts them past left padding). Chunk borders are document
+        transformers' chunked mask counts them past left padding), or from each packed document's
+        first token. Chunk borders are document
         borders, so every backend path that honours packed documents honours chunks, and the
         positions restart at each border so flash's packed-sequence detection sees them too."""
         key = ("chunked", chunk_size)
         if key not in self._cache:
             b, s = self.batch_size, self.seq_len
             device = self.position_ids.device
-            idx = torch.arange(s, device=device).expand(b, s)
-            if self.valid is not None:
-                left = (self.valid.long().cumsum(-1) == 0).sum(-1, keepdim=True)
-                idx = idx - left
+            if self.doc_ids is not None:
+                # packed rows: transformers remaps each token's index to its position inside its
+                # document before the chunk test, so chunks restart at every document
+                idx = self.position_ids
+            else:
+                idx = torch.arange(s, device=device).expand(b, s)
+                if self.valid is not None:
+                    left = (self.valid.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+                    idx = idx - left
             chunk = torch.div(idx, chunk_size, rounding_mode="floor")
             doc = self.doc_ids if self.doc_ids is not None else torch.zeros_like(chunk)
             run = doc * (2 * s + 2) + chunk + s  # non-decreasing along the row: one run per (document, chunk)
