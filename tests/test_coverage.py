@@ -234,7 +234,8 @@ REASONS = [  # (arch, class, the refusal's class, or None: supported)
     # (transformers 5.23), refused naming the mixer where not (5.14) — never "does not dispatch"
     ("granitemoehybrid", "GraniteMoeHybridForCausalLM", (None, "unsupported mixer")),
     ("mpt", "MptForCausalLM", "inline attention"),  # attn_config groups settings; attention is inline
-    ("gemma3", "Gemma3ForConditionalGeneration", "composite"),  # a vision tower beside the text model
+    ("gemma3", "Gemma3ForConditionalGeneration", None),  # a vision tower beside the text model (replicated)
+    ("qwen2_audio", "Qwen2AudioForConditionalGeneration", "composite"),  # an audio encoder: refused
     ("gptj", "GPTJForCausalLM", "does not dispatch"),
     ("bart", "BartForConditionalGeneration", "encoder-decoder"),
     ("mamba", "MambaForCausalLM", "no attention heads"),

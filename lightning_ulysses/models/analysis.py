@@ -35,6 +35,7 @@ from torch import nn
 from ..parallel.attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
+from .multimodal import CompositeParts, composite_objective, composite_parts
 from .whole_sequence import is_position_module, reads_cache_length
 
 
@@ -84,6 +85,9 @@ class ModelPlan:
             built from ``position_ids``, which transformers scans for restarts when no mask is
             given); otherwise the non-SP model attends across them and SP refuses packed rows
             unless ``packed_documents="split"``.
+        composite: for a vision-language model, its language model (which every other field
+            describes, by names inside the whole model) and what the outer model reads on the whole
+            row (:mod:`.multimodal`); ``None`` for a single model.
     """
 
     objective: Objective | None
@@ -101,6 +105,7 @@ class ModelPlan:
     offset_modules: list[str] = field(default_factory=list)
     dropout: list[str] = field(default_factory=list)
     splits_packed_rows: bool = True
+    composite: CompositeParts | None = None
 
 
 _MASK_BUILDERS = re.compile(r"create_(causal|bidirectional|sliding_window_causal|bidirectional_sliding_window"
@@ -226,12 +231,8 @@ def _check_model_kind(model: nn.Module) -> None:
             f"{name} is an encoder-decoder model: its cross-attention reads a second sequence that Ulysses does "
             "not shard. Only decoder-only and encoder-only models are supported."
         )
-    components = _component_configs(config)
-    if components:
-        raise UnsupportedModelError(
-            f"{name} is a composite model (its {', '.join(components)} describe separate models); apply Ulysses "
-            "to its language model submodule."
-        )
+    if _component_configs(config):
+        return  # a composite: its language model is checked (multimodal.composite_parts)
     if not getattr(config, "num_attention_heads", None):
         raise UnsupportedModelError(
             f"{name} has no attention heads (config.num_attention_heads); its token mixing is not attention, so "
@@ -517,6 +518,9 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
         ValueError: a head/group layout that ``sp`` cannot split (naming the valid ``sp``).
     """
     _check_model_kind(model)
+    components = _component_configs(model.config)
+    if components:
+        return _analyse_composite(model, composite_parts(model, components), sp)
     name = type(model).__name__
     config = model.config
     base = getattr(model, "base_model", model)
@@ -586,4 +590,32 @@ def analyse_model(model: nn.Module, sp: int) -> ModelPlan:
     plan.chunks = _chunked_layers(model, plan.attention)
     plan.positions, plan.padding_idx = _positions(model)
     plan.aux_loss, plan.aux_refused = _aux_loss(model)
+    return plan
+
+
+def _analyse_composite(model: nn.Module, parts: CompositeParts, sp: int) -> ModelPlan:
+    """The plan of a vision-language model: its language model's, by names inside ``model``.
+
+    Only the language model runs under Ulysses; the vision tower and projector run replicated on
+    the whole images and everything the outer model does before calling the language model runs on
+    the whole row (:mod:`.multimodal`), so none of it is sharded and none of it is analysed as a
+    token mixer (a patch embedding is a convolution over pixels, not over the sequence).
+    """
+    plan = analyse_model(parts.module, sp)
+    prefix = parts.language_model + "."
+    plan.attention = [prefix + n for n in plan.attention]
+    plan.per_head = {prefix + n: d for n, d in plan.per_head.items()}
+    plan.mixers = [(prefix + n, m, impl) for n, m, impl in plan.mixers]
+    plan.windows = {prefix + n: w for n, w in plan.windows.items()}
+    plan.chunks = {prefix + n: c for n, c in plan.chunks.items()}
+    plan.position_modules = [prefix + n for n in plan.position_modules]
+    plan.offset_modules = [prefix + n for n in plan.offset_modules]
+    plan.dropout = [prefix + n for n in plan.dropout]
+    plan.objective = composite_objective(model)
+    plan.loss_in_forward = "self.loss_function(" in _forward_source(model)
+    # An auxiliary loss of the outer model (an MoE language model's router loss added at the top)
+    # has no global reproduction here yet: a forward asking for router logits is refused.
+    plan.aux_refused = plan.aux_refused or plan.aux_loss is not None or "aux_loss" in _forward_source(model)
+    plan.aux_loss = None
+    plan.composite = parts
     return plan

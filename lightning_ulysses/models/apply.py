@@ -18,7 +18,10 @@ is touched. Then, all of it per model and undone by :meth:`UlyssesHandle.remove`
 * replaces the model's ``loss_function`` (instance attribute) by the exact SP token mean
   (:mod:`.loss`), or computes the loss from the logits when the model does not call it (masked
   LMs, inline losses); makes an MoE load-balancing loss global (:mod:`.moe`);
-* patches the non-attention token mixers that :mod:`.mixers` runs under SP.
+* patches the non-attention token mixers that :mod:`.mixers` runs under SP;
+* for a vision-language model, gathers the row's token ids so that the model merges its images and
+  derives its positions on the whole row, and cuts its language model's inputs to the chunk
+  (:mod:`.multimodal`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .debug import debug_attend_layer
 from ..losses.sp_loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from ..parallel.masks import SequenceMetadata
 from .moe import add_to_loss, wants_router_logits, zero_coefficient
+from .multimodal import check_row_inputs, wrap_language_model
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
 from .preflight import check_backend_available, check_backend_trains
@@ -89,7 +93,10 @@ class UlyssesHandle:
         sp_size = dist.get_world_size(group)
         # Everything that decides whether the model can be exact, before anything is touched.
         self.plan: ModelPlan = analyse_model(model, sp_size)
-        config = model.config
+        composite = self.plan.composite
+        # A vision-language model: Ulysses runs in its language model only, so heads and the
+        # attention backend are the language model's (its vision tower keeps its own backend).
+        config = composite.module.config if composite is not None else model.config
         self.model = model
         self.group = group
         self.sp_size = sp_size
@@ -127,7 +134,7 @@ class UlyssesHandle:
         # teacher + student): this model gets its own copy, so pointing it at the Ulysses attention
         # changes nothing another model sees.
         self._undo_config = isolate_config(model)
-        config = model.config
+        config = composite.module.config if composite is not None else model.config
         self._saved_attn = [(c, c._attn_implementation_internal) for c in _config_tree(config)]
         self._set_attn(self.name)
 
@@ -141,6 +148,8 @@ class UlyssesHandle:
         self._undo_mixers = [impl.apply(module, self._running_context) for _, module, impl in self.plan.mixers]
         self._undo_whole_sequence = apply_whole_sequence(model, self.plan.position_modules, self.plan.offset_modules,
                                                          self._running_context)
+        self._undo_language_model = (wrap_language_model(composite, self._running_context, self._own_random_stream)
+                                     if composite is not None else (lambda: None))
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -163,6 +172,7 @@ class UlyssesHandle:
             del model._loss_function
         else:
             model._loss_function = self._saved_loss
+        self._undo_language_model()
         self._undo_whole_sequence()
         for undo in reversed(self._undo_mixers):
             undo()
@@ -209,8 +219,11 @@ class UlyssesHandle:
                     "sequence; call it with output_router_logits=False."
                 )
         restore = zero_coefficient(self.model, aux.coef_attr) if aux is not None else None
+        # A composite draws its own stream in its language model only (multimodal.py): the
+        # replicated vision tower draws the shared one, so SP peers compute identical features.
+        stream = self._own_random_stream() if self.plan.composite is None else contextlib.nullcontext()
         try:
-            with self._own_random_stream():
+            with stream:
                 out = next_forward(**call)
         finally:
             coef = restore() if restore is not None else 0.0
@@ -267,6 +280,12 @@ class UlyssesHandle:
             ref = call.get("inputs_embeds")
         if ref is None:
             raise ValueError("Ulysses SP needs input_ids or inputs_embeds of shape [batch, seq/sp].")
+        composite = self.plan.composite
+        if composite is not None and call.get("input_ids") is None:
+            raise ValueError(
+                f"{type(self.model).__name__} under Ulysses SP needs input_ids [batch, seq/sp] (not inputs_embeds): "
+                "the images are merged at their placeholder tokens on the whole row."
+            )
         if call.get("past_key_values") is not None:
             raise ValueError(
                 "a KV cache cannot be used under Ulysses SP (it would hold one chunk). Generate inside "
@@ -310,6 +329,12 @@ class UlyssesHandle:
         if label_src is not None:
             rows.append(label_src.long().to(device))
         derive_from_ids = given is None and plan.positions == "from_input_ids" and ids is not None
+        # A composite model runs its embedding, image merge and positions on the whole row: its
+        # per-token inputs travel in the same collective.
+        row_inputs = ([("input_ids", ids)] + [(k, call[k]) for k in composite.row_inputs if call.get(k) is not None]
+                      if composite is not None else [])
+        first_row_input = len(rows)
+        rows += [value.long().expand(b, s_local) for _, value in row_inputs]
         if derive_from_ids:
             rows.append(ids.long())
         full = gather_sequence(torch.stack(rows), self.group, dim=2)  # one collective: [rows, b, seq]
@@ -329,15 +354,28 @@ class UlyssesHandle:
                                          mask=full_mask if mask is not None else None,
                                          input_ids=full[-1] if derive_from_ids else None,
                                          padding_idx=plan.padding_idx)
-            call["position_ids"] = positions[:, lo : lo + s_local]
+            if composite is None:
+                call["position_ids"] = positions[:, lo : lo + s_local]
+            # else the outer model derives its own (mrope) positions from the whole row; the language
+            # model falls back on these when it derives none (multimodal.wrap_language_model)
+        if composite is not None:
+            whole = {key: full[first_row_input + i].to(value.dtype) for i, (key, value) in enumerate(row_inputs)}
+            check_row_inputs(composite, self.model, whole)
+            call.update(whole)
+            if mask is not None:
+                call["attention_mask"] = full_mask.to(mask.dtype)  # get_rope_index skips the padding
+            if given is not None:
+                call["position_ids"] = full[:p] if given.dim() == 3 else full[0]
         metadata = SequenceMetadata.from_gathered(positions, full_mask.bool() if mask is not None else None)
         if given is None or p == 3:
             metadata.doc_ids = None  # derived positions never describe packed documents
         elif metadata.doc_ids is not None and (mask is not None or not plan.splits_packed_rows):
             self._packed_rows_differ(with_mask=mask is not None)
         if "cache_position" in self._signature.parameters and call.get("cache_position") is None:
-            # the index of each token in the whole row, as the non-SP model numbers it
-            call["cache_position"] = torch.arange(lo, lo + s_local, device=device)
+            # the index of each token in the whole row, as the non-SP model numbers it (a composite
+            # gets the whole row's, cut by its language model's wrapper)
+            call["cache_position"] = (torch.arange(lo, lo + s_local, device=device) if composite is None
+                                      else torch.arange(full.shape[-1], device=device))
         num_valid: Tensor | int = 0
         targets = None
         if label_src is not None:
@@ -458,7 +496,9 @@ def apply_ulysses(
 
     Args:
         model: a transformers causal LM (``attn_implementation`` sdpa, eager, flex_attention or
-            flash_attention_2/3).
+            flash_attention_2/3), or a vision-language model (a vision tower beside its language
+            model: the tower runs replicated on the whole images, the language model under SP;
+            call it with ``input_ids`` and the images whole — :mod:`.multimodal`).
         sp_group: the process group of the ranks that share one sequence.
         eval_mode: ``"sp"`` runs eval sharded too; ``"bypass"`` runs ``model.eval()`` unpatched.
         overlap_chunks: split this rank's heads into that many groups and overlap each group's

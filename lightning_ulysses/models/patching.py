@@ -88,13 +88,27 @@ def isolate_config(model: nn.Module) -> Callable[[], None]:
     import copy
 
     original = model.config
-    private = copy.deepcopy(original)
-    holders = [m for m in model.modules() if m.__dict__.get("config") is original]
-    for m in holders:
-        m.__dict__["config"] = private
+    memo: dict[int, Any] = {}
+    private = copy.deepcopy(original, memo)
+    # A composite model's components hold its sub-configs (the language model holds
+    # ``config.text_config``): each gets the matching part of the private copy.
+    configs = {id(c): c for c in _configs(original)}
+    holders = [(m, m.__dict__["config"]) for m in model.modules() if id(m.__dict__.get("config")) in configs]
+    for m, held in holders:
+        m.__dict__["config"] = memo[id(held)] if held is not original else private
 
     def undo() -> None:
-        for m in holders:
-            m.__dict__["config"] = original
+        for m, held in holders:
+            m.__dict__["config"] = held
 
     return undo
+
+
+def _configs(config: Any) -> list[Any]:
+    """``config`` and every sub-config below it (a composite model's text and vision configs)."""
+    found = [config]
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            found += _configs(sub)
+    return found

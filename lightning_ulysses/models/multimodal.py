@@ -1,0 +1,225 @@
+"""Composite vision-language models under SP, the vision tower replicated (README, "Vision-language models").
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma 3, ...) is a vision tower and a projector
+beside a language model. The outer model embeds the tokens, runs the vision tower on the images,
+scatters the image features into the image placeholders of ``inputs_embeds`` (``masked_scatter``,
+which reads *every* placeholder of the row, in order) and derives positions from the whole row
+(Qwen's mrope ``get_rope_index`` numbers the text after an image from the image's grid). None of
+that can run on a chunk: the chunk does not know how many image tokens precede it, nor where an
+image starts. So under SP:
+
+1. the handle gathers the row's ``input_ids`` and the other per-token inputs the outer model reads
+   (``attention_mask``, ``mm_token_type_ids``, ``token_type_ids``) in its one all-gather of the
+   forward, and calls the outer model with the **full** row; every SP rank then runs the vision
+   tower and the projector on the sample's whole images (replicated: no ``vision_sp`` yet);
+2. the outer model merges the features and computes its positions on the full row, exactly as
+   without SP, and calls its language model with full-row ``inputs_embeds`` and ``position_ids``;
+3. :func:`wrap_language_model` cuts those to this rank's chunk (and whatever else is indexed by
+   the row's tokens, e.g. Qwen3-VL's deepstack features) before the language model runs under
+   Ulysses attention, so the language model sees what a text model sees under SP.
+
+Gradients: the features of every image enter every rank's full row, and only this rank's chunk
+continues, so the vision tower (and the token embedding) of rank ``r`` receive the gradient of the
+loss through chunk ``r`` only, at the ``sp x`` scale of every SP gradient (docs/sp-loss.md). The sum
+over the SP group — what DDP's average over ``dp x sp`` ranks takes, ``/ sp`` — is the non-SP gradient,
+as for every other parameter.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from .context import ForwardContext
+from .patching import add_forward_wrapper, bind_call, remove_forward_wrapper
+
+# The sub-configs a supported composite may have: its language model's and its vision tower's.
+TEXT_KEY = "text_config"
+VISION_KEYS = ("vision_config",)
+# Per-token inputs the outer model reads on the whole row besides input_ids and attention_mask:
+# the modality of each token (mrope numbers image tokens by their grid) and Gemma 3's image tokens.
+ROW_INPUTS = ("mm_token_type_ids", "token_type_ids")
+# Inputs of a language model indexed by the row's tokens that an outer model hands it besides
+# inputs_embeds and position_ids: Qwen3-VL's deepstack adds visual features at the image tokens.
+_VISUAL_POSITIONS = "visual_pos_masks"
+_VISUAL_FEATURES = "deepstack_visual_embeds"
+# What an outer model builds its image-block (bidirectional) attention from.
+_IMAGE_BLOCK_MASK = ("block_sequence_ids", "token_type_ids_mask_function")
+
+
+def _unsupported(message: str) -> Exception:
+    from .analysis import UnsupportedModelError
+
+    return UnsupportedModelError(message)
+
+
+@dataclass
+class CompositeParts:
+    """What the handle must know of a supported composite model.
+
+    Attributes:
+        language_model: the name of the language model submodule (what Ulysses attention runs in).
+        module: that submodule.
+        row_inputs: the outer forward's per-token inputs, besides ``input_ids`` and
+            ``attention_mask``, gathered to the full row (:data:`ROW_INPUTS` it takes).
+        image_blocks: the outer model lets image tokens attend to each other both ways when given
+            ``token_type_ids`` (Gemma 3); such a batch is refused (:func:`check_row_inputs`).
+    """
+
+    language_model: str
+    module: nn.Module
+    row_inputs: tuple[str, ...]
+    image_blocks: bool
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
+    """The language model of a composite ``model`` whose other components Ulysses runs replicated,
+    or :class:`~.analysis.UnsupportedModelError` naming what is not supported."""
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    others = [c for c in components if c != TEXT_KEY and c not in VISION_KEYS]
+    if others or TEXT_KEY not in components:
+        raise _unsupported(
+            f"{name} is a composite model with components Ulysses does not run ({', '.join(others or components)}: "
+            "an audio encoder, a speech decoder, a second language model, ...); only a vision tower beside one "
+            "language model (text_config + vision_config) is supported under SP."
+        )
+    text = getattr(model.config, TEXT_KEY)
+    found = [(n, m) for n, m in model.named_modules()
+             if m is not model and isinstance(m, PreTrainedModel) and m.config is text]
+    found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+    if len(found) != 1:
+        raise _unsupported(
+            f"{name} is a composite model in which {len(found)} submodules hold its text_config; Ulysses needs "
+            "exactly one language model to shard."
+        )
+    lm_name, lm = found[0]
+    if getattr(lm, "base_model", lm) is not lm:
+        raise _unsupported(
+            f"{name} is a composite model whose language model {lm_name!r} ({type(lm).__name__}) has its own head; "
+            "only composites whose language model is a backbone (the head on the outer model) are supported."
+        )
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" not in params or "position_ids" not in params:
+        raise _unsupported(f"{name}.forward takes no input_ids / position_ids; not supported under SP.")
+    outer_src = "\n".join(_source(type(m).forward) for n, m in model.named_modules()
+                          if m is model or (lm_name.startswith(n + ".") and n))
+    image_blocks = "token_type_ids" in params and any(k in outer_src for k in _IMAGE_BLOCK_MASK)
+    return CompositeParts(lm_name, lm, tuple(k for k in ROW_INPUTS if k in params), image_blocks)
+
+
+def composite_objective(model: nn.Module) -> str | None:
+    """``"causal"`` for an image-text-to-text head, ``None`` for the bare composite (no head)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    heads = set(auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    heads |= set(getattr(auto, "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES", {}).values())
+    if any(c.__name__ in heads for c in type(model).__mro__):
+        return "causal"
+    if getattr(model, "base_model", model) is model:
+        return None
+    raise _unsupported(
+        f"{type(model).__name__} is a composite model whose head is not an image-text-to-text (causal LM) head; "
+        "only those (and the bare composite, without a head) are supported for composite models under SP."
+    )
+
+
+def check_row_inputs(parts: CompositeParts, model: nn.Module, full: dict[str, Tensor]) -> None:
+    """Refuse a batch whose full-row inputs ask for a mask Ulysses does not rebuild (yet)."""
+    types = full.get("token_type_ids")
+    if parts.image_blocks and types is not None and bool((types == 1).any()):
+        raise _unsupported(
+            f"{type(model).__name__} lets image tokens attend to each other bidirectionally when given "
+            "token_type_ids that mark images; Ulysses SP does not rebuild that mask yet. Call it without "
+            "token_type_ids (causal attention over image tokens too) or without SP."
+        )
+
+
+def wrap_language_model(parts: CompositeParts, running: Callable[[], ForwardContext | None],
+                        random_stream: Callable[[], ContextManager[None]]) -> Callable[[], None]:
+    """Cut the full-row inputs the outer model hands its language model to this rank's chunk.
+
+    Args:
+        running: the context of the SP forward running now, ``None`` outside one (the language model
+            then runs unchanged).
+        random_stream: the context in which the language model draws its own dropout masks per SP
+            rank (the vision tower, replicated, draws the shared stream: identical features on peers).
+
+    Returns:
+        The function that removes the wrapper.
+    """
+    module = parts.module
+    signature = inspect.signature(module.forward)
+    where = f"{parts.language_model!r} ({type(module).__name__})"
+
+    def forward(next_forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        ctx = running()
+        if ctx is None:
+            return next_forward(*args, **kwargs)
+        call = bind_call(signature, args, kwargs)
+        seq = ctx.metadata.seq_len
+        lo, n = ctx.sp_rank * ctx.local_len, ctx.local_len
+        embeds = call.get("inputs_embeds")
+        if call.get("input_ids") is not None or embeds is None or embeds.shape[1] != seq:
+            raise RuntimeError(
+                f"the outer model called its language model {where} without the full row's inputs_embeds "
+                f"([batch, {seq}, hidden]); lightning_ulysses cannot cut them to this rank's chunk."
+            )
+        call["inputs_embeds"] = embeds.narrow(1, lo, n)  # differentiable: the gradient lands in the chunk
+        positions = call.get("position_ids")
+        if positions is None:
+            # the outer model derived none (a text-only row): the language model's own default,
+            # derived on the whole row by the handle
+            positions = ctx.metadata.position_ids
+        local = positions.narrow(-1, lo, n)
+        # rotary modules run on the whole row's positions (whole_sequence.py): they are these
+        ctx.gathered[id(local)] = (local, positions)
+        call["position_ids"] = local
+        mask = call.get("attention_mask")
+        masks = mask.values() if isinstance(mask, dict) else [mask]
+        if any(m is not None and not (isinstance(m, Tensor) and m.dim() == 2) for m in masks):
+            raise RuntimeError(
+                f"the outer model handed its language model {where} a prepared attention mask; Ulysses rebuilds "
+                "masks from the gathered padding and positions only, so this mask cannot be honoured."
+            )
+        call["attention_mask"] = None  # the padding is in the gathered metadata
+        cache = call.get("cache_position")
+        if isinstance(cache, Tensor) and cache.shape[-1] == seq:
+            call["cache_position"] = cache.narrow(-1, lo, n)
+        _cut_visual_features(call, seq, lo, n, where)
+        with random_stream():
+            return next_forward(**call)
+
+    token = add_forward_wrapper(module, forward, priority=100)
+    return lambda: remove_forward_wrapper(module, token)
+
+
+def _cut_visual_features(call: dict[str, Any], seq: int, lo: int, n: int, where: str) -> None:
+    """Keep the visual features the language model adds at this chunk's image tokens (Qwen3-VL's
+    deepstack: one ``[image tokens of the batch, hidden]`` tensor per layer, in row-major token order)."""
+    where_visual = call.get(_VISUAL_POSITIONS)
+    features = call.get(_VISUAL_FEATURES)
+    if where_visual is None:
+        if features is not None:
+            raise RuntimeError(f"{where} was given {_VISUAL_FEATURES} without {_VISUAL_POSITIONS}.")
+        return
+    if where_visual.dim() != 2 or where_visual.shape[1] != seq:
+        raise RuntimeError(f"{where}: {_VISUAL_POSITIONS} of shape {tuple(where_visual.shape)} is not [batch, {seq}].")
+    in_chunk = torch.zeros_like(where_visual, dtype=torch.bool)
+    in_chunk[:, lo:lo + n] = True
+    keep = in_chunk[where_visual.bool()]  # per image token of the batch, in the features' order
+    call[_VISUAL_POSITIONS] = where_visual[:, lo:lo + n]
+    if features is not None:
+        call[_VISUAL_FEATURES] = [f[keep] for f in features]
