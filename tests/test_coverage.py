@@ -256,3 +256,16 @@ def test_refusal_reason_is_true(arch, cls, expected):
         assert claim_holds(got, model, str(e))
     else:
         assert None in allowed, f"{arch} was accepted, expected a refusal as {expected!r}"
+
+
+@pytest.mark.parametrize("arch,cls,splits", [
+    ("llama", "LlamaForCausalLM", True),  # create_causal_mask(..., position_ids=position_ids)
+    ("gemma3_text", "Gemma3ForCausalLM", True),  # via mask_kwargs and its .copy() for the sliding mask
+    ("gpt2", "GPT2LMHeadModel", True),  # its bidirectional builder masks cross-attention only
+    ("gpt_oss", "GptOssForCausalLM", False),  # mask_kwargs without position_ids
+    ("bert", "BertForMaskedLM", False),  # bidirectional self-attention mask
+    ("qwen3_next", "Qwen3NextForCausalLM", False),  # gated delta-net carries state across documents
+])
+def test_which_models_keep_packed_documents_apart(arch, cls, splits):
+    """Read from the model's own mask calls; the matrix checks each verdict against the model."""
+    assert analyse_model(build_tiny(arch, cls, dtype=torch.float32), 2).splits_packed_rows is splits

@@ -183,6 +183,16 @@ def _parity(rank, world, name, sp):
 
 @pytest.mark.parametrize("name,sp", [(n, 2) for n in MODELS] + [("qwen2_vl", 4), ("llava", 4)])
 def test_vision_language_parity(name, sp):
+    import transformers
+    from packaging.version import Version
+
+    if name == "qwen3_vl" and Version(transformers.__version__) < Version("5.23"):
+        # Known gap (README, "Vision-language models"): with the minimum transformers (5.14) the
+        # handle does not see Qwen3-VL's loss call, and refuses the labelled forward with its
+        # clear error instead of returning a local loss.
+        with pytest.raises(RuntimeError, match="computed its loss without `self.loss_function`"):
+            run_distributed(_parity, sp, name, sp)
+        return
     compared, components = run_distributed(_parity, sp, name, sp)[0]
     components = {c.split(".")[0] for c in components}
     # the image batch reaches every component's gradient; the text-only batch the language model's

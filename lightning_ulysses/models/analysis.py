@@ -352,9 +352,11 @@ def _splits_packed_rows(model: nn.Module) -> bool:
     """
     for src in {_source(type(m)) for m in model.modules()}:
         for call in _MASK_CALL.finditer(src):
+            args = _call_arguments(src, call.end())
+            if "encoder_" in args:
+                continue  # a cross-attention mask over an encoder's states: not the row's own attention
             if call.group(1).startswith("bidirectional"):
                 return False
-            args = _call_arguments(src, call.end())
             if not _PASSES_POSITIONS.search(args) and not _kwargs_pass_positions(src, args):
                 return False
     return True
