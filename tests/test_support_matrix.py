@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.zoo.configs import build_tiny
 from tests.zoo.matrix import DOC, counts, render, run_matrix, summary_line, variant_items
@@ -38,7 +39,8 @@ def test_every_architecture_is_exact_or_refused():
     for v in results:
         if v.verdict == "refused" and not v.variant:
             cls = reason_class(v.reason)
-            if not claim_holds(cls, build_tiny(v.arch, v.cls), v.reason):
+            # float32: some of these models' kernels (grouped MoE matmuls) have no float64
+            if not claim_holds(cls, build_tiny(v.arch, v.cls, dtype=torch.float32), v.reason):
                 untrue.append(f"{v.arch} ({v.cls}): {cls}: {v.reason}")
     assert not untrue, "refusal reasons that are not true of the model:\n" + "\n".join(untrue)
     # the configuration axis really runs: each kind of row is exact on most architectures it applies to

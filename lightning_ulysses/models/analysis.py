@@ -275,7 +275,8 @@ def _token_mixer_reason(module: nn.Module) -> str | None:
             return what
     if _SEQUENCE_SHIFT.search(src):
         return "neighbouring tokens (a slice shifted along the sequence)"
-    if _INLINE_PRODUCT.search(src) and _QUERY_KEY.search(src):
+    code = re.sub(r"#[^\n]*", "", src)  # a comment's "comb[j, k]" names no key
+    if _INLINE_PRODUCT.search(code) and _QUERY_KEY.search(code):
         return "attention or linear attention computed inline (not through transformers' AttentionInterface)"
     return None
 
