@@ -268,4 +268,12 @@ def test_refusal_reason_is_true(arch, cls, expected):
 ])
 def test_which_models_keep_packed_documents_apart(arch, cls, splits):
     """Read from the model's own mask calls; the matrix checks each verdict against the model."""
-    assert analyse_model(build_tiny(arch, cls, dtype=torch.float32), 2).splits_packed_rows is splits
+    model = build_tiny(arch, cls, dtype=torch.float32)
+    try:
+        plan = analyse_model(model, 2)
+    except UnsupportedModelError as e:
+        # an older transformers' mixer form that lightning_ulysses does not run (Qwen3-Next under
+        # 5.14): the whole model is refused, naming the mixer, so packed rows never reach it
+        assert arch == "qwen3_next" and "mixes tokens through" in str(e), str(e)
+        return
+    assert plan.splits_packed_rows is splits
