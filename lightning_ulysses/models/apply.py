@@ -58,6 +58,14 @@ _MISSING = object()
 _ids = itertools.count()
 
 
+def check_packed_documents(value: str) -> PackedDocuments:
+    """``value`` if it is a valid ``packed_documents`` policy (``"refuse"`` or ``"split"``), else a
+    ValueError; the strategies call it at construction, before any model exists."""
+    if value not in ("refuse", "split"):
+        raise ValueError(f"packed_documents must be 'refuse' or 'split', got {value!r}.")
+    return value  # type: ignore[return-value]
+
+
 def _config_tree(config: Any) -> Iterator[Any]:
     yield config
     for key in getattr(config, "sub_configs", {}) or {}:
@@ -85,9 +93,7 @@ class UlyssesHandle:
                  packed_documents: PackedDocuments = "refuse") -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
-        if packed_documents not in ("refuse", "split"):
-            raise ValueError(f"packed_documents must be 'refuse' or 'split', got {packed_documents!r}.")
-        self.packed_documents = packed_documents
+        self.packed_documents = check_packed_documents(packed_documents)
         if not dist.is_initialized():
             raise RuntimeError("apply_ulysses needs torch.distributed to be initialised (the SP group's world).")
         sp_size = dist.get_world_size(group)

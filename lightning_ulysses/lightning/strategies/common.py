@@ -39,7 +39,7 @@ from ...parallel.attention import check_overlap_chunks
 from ...parallel.comm import gather_sequence
 from ..checkpoint_io import remove_marker, resolve_for_load, safe_unpickling, write_atomically
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
-from ...models.apply import UlyssesHandle, apply_ulysses, find_hf_models
+from ...models.apply import UlyssesHandle, apply_ulysses, check_packed_documents, find_hf_models
 from ...models.preflight import check_backend_available, check_backend_trains, check_sp_fits
 from ...parallel.mesh import ParallelDims, build_mesh, validate_sp
 from ...losses.objectives import is_sp_reduced, register_group_source
@@ -87,9 +87,7 @@ class UlyssesMixin:
                       debug_skip_attention: bool = False, packed_documents: str = "refuse",
                       batch_axes: dict[str, int | None] | None = None) -> None:
         self._debug_skip_attention = debug_skip_attention  # apply_ulysses warns when it is on
-        if packed_documents not in ("refuse", "split"):
-            raise ValueError(f"packed_documents must be 'refuse' or 'split', got {packed_documents!r}.")
-        self._packed_documents = packed_documents
+        self._packed_documents = check_packed_documents(packed_documents)
         self._batch_axes = dict(batch_axes or {})
         if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
             raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
