@@ -48,12 +48,13 @@ class FlexLM(LM):
         super().__init__(config=tiny_model("llama", 4, 2, attn="flex_attention").config)
 
 
-@pytest.mark.parametrize("strategy", [lambda: UlyssesStrategy(sp=3), lambda: UlyssesStrategy(sp=3, start_method="fork"),
-                                      lambda: UlyssesFSDPStrategy(sp=3)], ids=["script", "fork", "fsdp"])
-def test_sp_not_dividing_heads_fails_in_the_launching_process(no_workers, strategy):
-    # 4 query / 2 KV heads allow sp 1, 2, 4; of these only 1 and 2 divide the 6 processes.
+@pytest.mark.parametrize("strategy", [lambda: UlyssesStrategy(sp=3, ring=1),
+                                      lambda: UlyssesStrategy(sp=3, ring=1, start_method="fork"),
+                                      lambda: UlyssesFSDPStrategy(sp=3, ring=1)], ids=["script", "fork", "fsdp"])
+def test_split_the_heads_cannot_serve_fails_in_the_launching_process(no_workers, strategy):
+    # 4 query / 2 KV heads allow Ulysses degrees 1, 2, 4; sp=3 is possible only as a pure ring.
     trainer = pl.Trainer(**trainer_kwargs(devices=6, max_steps=1, strategy=strategy()))
-    with pytest.raises(ValueError, match=r"sp=3 cannot shard LlamaForCausalLM .*Choose sp from \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"ring=1 cannot split sp=3.*Valid splits: ulysses=1 x ring=3;"):
         trainer.fit(LM(heads=4, kv_heads=2), loader(Samples(4, 12)))
 
 
@@ -93,21 +94,21 @@ def _outcome(fn) -> tuple[str, str]:
 
 def _fit_outcomes(rank: int, world: int) -> list[tuple[str, str]]:
     def fit(module):
-        trainer = pl.Trainer(**trainer_kwargs(devices=world, max_steps=1, strategy=UlyssesStrategy(sp=world)))
+        trainer = pl.Trainer(**trainer_kwargs(devices=world, max_steps=1, strategy=UlyssesStrategy(sp=world, ring=1)))
         return lambda: trainer.fit(module, loader(Samples(4, 12)))
 
-    # heads 6 allow sp 1, 2, 3, 6; of these 1 and 2 divide the world of 4. The model built in __init__ is
+    # heads 6 allow Ulysses degrees 1, 2, 3, 6; sp=4 splits as 2 x 2 or 1 x 4, not as ring=1. The model built in __init__ is
     # checked at launch (here every rank is its own launcher, as under torchrun), the other in setup.
     return [_outcome(fit(LM(heads=6, kv_heads=6))), _outcome(fit(LateLM(heads=6)))]
 
 
-def test_sp_not_dividing_heads_is_reported_by_rank_zero_alone(monkeypatch):
+def test_split_the_heads_cannot_serve_is_reported_by_rank_zero_alone(monkeypatch):
     monkeypatch.setattr(common, "PEER_GRACE_S", 0.0)  # inherited by the forked ranks
     results = run_distributed(_fit_outcomes, 4, init_pg=False)
     for case in range(2):
         kind, message = results[0][case]
-        assert kind == "ValueError" and "sp=4 cannot shard LlamaForCausalLM" in message
-        assert "Choose sp from [1, 2]" in message
+        assert kind == "ValueError" and "ring=1 cannot split sp=4" in message
+        assert "Valid splits: ulysses=2 x ring=2, ulysses=1 x ring=4;" in message
         for rank in (1, 2, 3):
             kind, message = results[rank][case]
             assert kind == "SystemExit" and "rank 0 reports" in message and "sp=" not in message

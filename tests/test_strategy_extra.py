@@ -158,10 +158,11 @@ def _errors(rank, world, case):
         with pytest.raises(ValueError, match=r"sp=8 is larger than the world size 4"):
             pl.Trainer(strategy=UlyssesStrategy(sp=8), **trainer_kwargs()).fit(LM(), loader(Samples(4, 16)))
     elif case == "heads":  # reported by rank 0; the others stop with one line (tests/test_early_errors.py)
-        kind, match = ((ValueError, r"sp=4 cannot shard .*num_attention_heads=2.*Choose sp from \[1, 2\]")
+        # sp=4 beyond 2 heads needs a ring; ring=1 asks for pure Ulysses
+        kind, match = ((ValueError, r"ring=1 cannot split sp=4.*Valid splits: ulysses=2 x ring=2, ulysses=1 x ring=4")
                        if rank == 0 else (SystemExit, "rank 0 reports"))
         with pytest.raises(kind, match=match):
-            pl.Trainer(strategy=UlyssesStrategy(sp=4), **trainer_kwargs()).fit(LM(heads=2, kv_heads=2),
+            pl.Trainer(strategy=UlyssesStrategy(sp=4, ring=1), **trainer_kwargs()).fit(LM(heads=2, kv_heads=2),
                                                                               loader(Samples(4, 16)))
     elif case == "iterable":
         with pytest.raises(ValueError, match="IterableDataset.*dp_rank"):

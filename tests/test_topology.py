@@ -88,21 +88,29 @@ def test_sp_node_span(world, sp, per_node, nodes, off_node):
     assert sp_node_span(world, sp, per_node) == (nodes, off_node)
 
 
-def _nodes(rank, world, sp):
+def _nodes(rank, world, sp, ring=1):
     # Two "nodes" of two processes, numbered as a cluster launcher numbers them.
     os.environ.update(NODE_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2")
-    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=sp), num_nodes=2, max_steps=1,
+    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=sp, ring=ring), num_nodes=2, max_steps=1,
                          **trainer_kwargs(devices=2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(LM(), train_dataloaders=loader(Samples(8, 16)))
-    return [str(w.message) for w in caught if "span" in str(w.message)]
+    split = (trainer.strategy.ulysses_size, trainer.strategy.ring_size)
+    return [str(w.message) for w in caught if "span" in str(w.message)], split
 
 
 def test_sp_group_spanning_nodes_warns_with_its_cost():
-    spanning = run_distributed(_nodes, 4, 4, init_pg=False)
+    # pure Ulysses (ring=1) over 2 nodes x 2 devices: every all-to-all crosses the network
+    spanning = [w for w, _ in run_distributed(_nodes, 4, 4, 1, init_pg=False)]
     assert len(spanning[0]) == 1 and spanning[1:] == [[], [], []]  # once per job, on global rank 0
     message = spanning[0][0]
     assert "span up to 2 nodes" in message and "50%" in message and "inter-node" in message
-    assert "sp in [1, 2]" in message
-    assert run_distributed(_nodes, 4, 2, init_pg=False) == [[], [], [], []]
+    assert "sp in [1, 2]" in message and "ring=2" in message
+    assert [w for w, _ in run_distributed(_nodes, 4, 2, 1, init_pg=False)] == [[], [], [], []]
+
+
+def test_chosen_split_keeps_the_all_to_all_on_a_node():
+    # sp=4 over 2 nodes x 2 devices, split left to the strategy: Ulysses inside each node, the ring across
+    results = run_distributed(_nodes, 4, 4, None, init_pg=False)
+    assert all(w == [] and split == (2, 2) for w, split in results)

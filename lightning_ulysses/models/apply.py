@@ -90,15 +90,31 @@ class UlyssesHandle:
 
     def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp",
                  overlap_chunks: int = 1, debug_skip_attention: bool = False,
-                 packed_documents: PackedDocuments = "refuse") -> None:
+                 packed_documents: PackedDocuments = "refuse", ring_group: ProcessGroup | None = None,
+                 ulysses_group: ProcessGroup | None = None) -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
         self.packed_documents = check_packed_documents(packed_documents)
         if not dist.is_initialized():
             raise RuntimeError("apply_ulysses needs torch.distributed to be initialised (the SP group's world).")
         sp_size = dist.get_world_size(group)
-        # Everything that decides whether the model can be exact, before anything is touched.
-        self.plan: ModelPlan = analyse_model(model, sp_size)
+        self.ring_size, self.ulysses_size = _split_sizes(sp_size, ring_group, ulysses_group)
+        self.ring_group = ring_group if self.ring_size > 1 else None
+        self.ulysses_group = ulysses_group if self.ring_size > 1 else group
+        if self.ring_size > 1:
+            rank = dist.get_rank(group)
+            if (dist.get_rank(ring_group), dist.get_rank(ulysses_group)) != divmod(rank, self.ulysses_size):
+                raise ValueError(
+                    f"SP rank {rank} is ring rank {dist.get_rank(ring_group)} and Ulysses rank "
+                    f"{dist.get_rank(ulysses_group)}; expected {divmod(rank, self.ulysses_size)} (Ulysses groups are "
+                    "consecutive SP ranks, so that each ring rank's Ulysses group holds one contiguous block). Build "
+                    "the groups with lightning_ulysses.parallel.mesh.ParallelDims.split."
+                )
+        # Everything that decides whether the model can be exact, before anything is touched; the
+        # heads are shared by the Ulysses ranks only (a ring passes whole blocks).
+        self.plan: ModelPlan = analyse_model(model, self.ulysses_size)
+        if self.ring_size > 1:
+            check_ring_plan(model, self.plan, overlap_chunks)
         composite = self.plan.composite
         # A vision-language model: Ulysses runs in its language model only, so heads and the
         # attention backend are the language model's (its vision tower keeps its own backend).
@@ -110,7 +126,7 @@ class UlyssesHandle:
         self.eval_mode = eval_mode
         num_heads = config.num_attention_heads
         num_kv = getattr(config, "num_key_value_heads", None) or num_heads
-        self.layout = HeadLayout.validate(num_heads, num_kv, self.sp_size)
+        self.layout = HeadLayout.validate(num_heads, num_kv, self.ulysses_size)
         if str(config._attn_implementation).startswith("ulysses_"):
             raise ValueError(
                 f"{type(model).__name__} already has Ulysses applied; call remove() on its handle before applying "
@@ -125,7 +141,7 @@ class UlyssesHandle:
         chunks = {id(model.get_submodule(name)): c for name, c in self.plan.chunks.items()}
         attention = make_ulysses_attention(self.backend, self.layout, self._context_from, overlap_chunks,
                                            debug_attend_layer=attend_layer, per_head=per_head, windows=windows,
-                                           chunks=chunks)
+                                           chunks=chunks, ring=self.ring_size > 1)
         self.overlap_chunks = overlap_chunks
         self.debug_skip_attention = debug_skip_attention
         self.name = f"ulysses_{next(_ids)}"
@@ -398,7 +414,8 @@ class UlyssesHandle:
                 targets = local
             elif shift is None or mask is not None:
                 call["shift_labels"] = local
-        ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid)
+        ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid,
+                             ulysses_group=self.ulysses_group, ring_group=self.ring_group, ring_size=self.ring_size)
         call[CONTEXT_KWARG] = ctx
         return ctx, targets
 
@@ -458,6 +475,32 @@ class UlyssesHandle:
         return sp_mean(local_sum, total, ctx.group)
 
 
+def _split_sizes(sp_size: int, ring_group: ProcessGroup | None,
+                 ulysses_group: ProcessGroup | None) -> tuple[int, int]:
+    """``(ring, ulysses)`` sizes of an SP group split by these groups (``(1, sp)`` without a ring)."""
+    if (ring_group is None) != (ulysses_group is None):
+        raise ValueError("pass both ring_group and ulysses_group (an SP group split as ring x ulysses), or neither.")
+    if ring_group is None:
+        return 1, sp_size
+    ring, ulysses = dist.get_world_size(ring_group), dist.get_world_size(ulysses_group)
+    if ring * ulysses != sp_size:
+        raise ValueError(f"ring ({ring}) x ulysses ({ulysses}) must equal the SP group's size ({sp_size}).")
+    return ring, ulysses
+
+
+def check_ring_plan(model: nn.Module, plan: ModelPlan, overlap_chunks: int) -> None:
+    """Refuse, before anything is touched, what cannot be exact across ring ranks."""
+    name = type(model).__name__
+    if plan.mixers:
+        kinds = sorted({type(module).__name__ for _, module, _ in plan.mixers})
+        raise UnsupportedModelError(
+            f"{name} has token mixers ({', '.join(kinds)}) whose state runs in sequence order; they are sharded by "
+            "heads (Ulysses) only, not across ring ranks. Use ring=1 with an sp its mixer heads allow."
+        )
+    if overlap_chunks > 1:
+        raise ValueError("overlap_chunks > 1 overlaps the Ulysses exchange only; use overlap_chunks=1 with a ring.")
+
+
 def _position_planes(given: Tensor, b: int, s_local: int) -> list[Tensor]:
     """``position_ids`` (``[s]``, ``[b | 1, s]`` or mrope's ``[planes, b | 1, s]``) as ``[b, s]`` planes."""
     given = given.long()
@@ -484,6 +527,7 @@ def find_hf_models(module: nn.Module) -> list[nn.Module]:
 def apply_ulysses(
     model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1,
     debug_skip_attention: bool = False, packed_documents: PackedDocuments = "refuse",
+    ring_group: ProcessGroup | None = None, ulysses_group: ProcessGroup | None = None,
 ) -> UlyssesHandle:
     """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
 
@@ -522,6 +566,11 @@ def apply_ulysses(
             *and* an ``attention_mask`` means. transformers keeps documents apart only without a
             mask, so the non-SP model attends across them; ``"refuse"`` (default) raises at that
             forward, ``"split"`` keeps documents apart and masks the padding.
+        ring_group / ulysses_group: split the SP group as ``ring × ulysses``
+            (:meth:`~lightning_ulysses.parallel.mesh.ParallelDims.split`): heads are exchanged inside each
+            Ulysses group only, and ring attention passes key/value blocks around the ring group, so ``sp``
+            may exceed what the heads allow. Both or neither; SP rank ``r`` must be ring rank
+            ``r // ulysses`` and Ulysses rank ``r % ulysses`` (the chunks stay contiguous).
 
     Raises:
         UnsupportedModelError: the model cannot run exactly under SP (README, "Supported models"):
@@ -530,4 +579,5 @@ def apply_ulysses(
             with the numbers and the fix.
     """
     return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks,
-                         debug_skip_attention=debug_skip_attention, packed_documents=packed_documents)
+                         debug_skip_attention=debug_skip_attention, packed_documents=packed_documents,
+                         ring_group=ring_group, ulysses_group=ulysses_group)

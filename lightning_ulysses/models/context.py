@@ -33,13 +33,25 @@ class ForwardContext:
         num_valid: labels that count toward the loss over the whole sequence (all SP ranks).
         gathered: per-token tensors of this forward already gathered over ``group``
             (:func:`~lightning_ulysses.models.whole_sequence.gathered`), by id.
+        ulysses_group / ulysses_rank: the ranks that exchange heads (``group`` itself without a ring)
+            and this rank's index there (``sp_rank % ulysses``).
+        ring_group / ring_rank / ring_size: the ranks that pass key/value blocks around (``None``,
+            0 and 1 without a ring); ring rank ``sp_rank // ulysses``.
     """
 
     __slots__ = ("group", "sp_rank", "sp_size", "local_len", "metadata", "num_valid", "attention_calls",
-                 "loss_calls", "gathered")
+                 "loss_calls", "gathered", "ulysses_group", "ulysses_rank", "ring_group", "ring_rank", "ring_size")
 
     def __init__(self, group: ProcessGroup, sp_rank: int, sp_size: int, local_len: int,
-                 metadata: SequenceMetadata, num_valid: Tensor | int) -> None:
+                 metadata: SequenceMetadata, num_valid: Tensor | int,
+                 ulysses_group: ProcessGroup | None = None, ring_group: ProcessGroup | None = None,
+                 ring_size: int = 1) -> None:
+        self.ulysses_group = ulysses_group if ulysses_group is not None else group
+        self.ring_group = ring_group
+        self.ring_size = ring_size
+        ulysses = sp_size // ring_size
+        self.ulysses_rank = sp_rank % ulysses
+        self.ring_rank = sp_rank // ulysses
         self.group = group
         self.sp_rank = sp_rank
         self.sp_size = sp_size

@@ -1,8 +1,9 @@
 """Checks that can be made before the first forward, so a misconfiguration fails early, naming the fix.
 
-* :func:`check_sp_fits` — ``sp`` against the model's heads (attention and SP mixers) *and* the world
-  size: the strategies run it in the launching process when the model already exists, so the error
-  comes once, before any worker starts;
+* :func:`check_sp_fits` / :func:`choose_model_split` — ``sp`` against the model's heads (attention and
+  SP mixers) *and* the world size, and the ``ring × ulysses`` split that serves it: the strategies run
+  it in the launching process when the model already exists, so the error comes once, before any
+  worker starts;
 * :func:`check_backend_available` — flash attention needs its package and a CUDA device (otherwise
   transformers' import error would surface inside the first attention call);
 * :func:`check_backend_trains` — flex attention has no backward on some devices (CPU in torch 2.13);
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..parallel.attention import HeadLayout
+from ..parallel.mesh import choose_split
 from .mixers import mixers_valid_sp
 
 FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
@@ -59,8 +61,38 @@ def check_sp_fits(model: nn.Module, sp: int, world: int) -> None:
     raise ValueError(
         f"sp={sp} cannot shard {type(model).__name__} ({heads}): Ulysses gives every SP rank an equal share of "
         f"the attention heads (and of every SP token mixer's heads), and each rank's query heads must share whole "
-        f"KV heads. {advice}"
+        f"KV heads; a model with SP token mixers runs no ring (which would lift the limit). {advice}"
     )
+
+
+def choose_model_split(models: list[nn.Module], sp: int, world: int, ring: int | None = None,
+                       procs_per_node: int | None = None) -> tuple[int, int]:
+    """``(ulysses, ring)`` for ``sp`` that every model in ``models`` allows
+    (:func:`~lightning_ulysses.parallel.mesh.choose_split`): the Ulysses degree must suit every
+    model's heads; models with SP token mixers run no ring. Models whose config does not say their
+    heads leave the choice to ``ring`` (``None``: pure Ulysses; the handle's analysis then decides).
+
+    Raises:
+        ValueError: no split serves, naming the model, its heads and the valid splits (or the ``sp``
+            that divide ``world``, when even those fail).
+    """
+    choices: set[int] | None = None
+    ring_allowed = True
+    for model in models:
+        valid = model_sp_choices(model)
+        if valid is None:
+            continue
+        choices = set(valid) if choices is None else choices & set(valid)
+        if mixers_valid_sp(model) is not None:
+            ring_allowed = False
+    if choices is None:
+        return (sp, 1) if ring is None else (sp // ring if sp % ring == 0 else sp, ring)
+    try:
+        return choose_split(sp, sorted(choices), ring, procs_per_node, ring_allowed)
+    except ValueError:
+        if not ring_allowed:
+            check_sp_fits(models[0], sp, world)  # the heads-vs-sp error, listing the sp that fit the world
+        raise
 
 
 def check_backend_available(backend: str) -> None:

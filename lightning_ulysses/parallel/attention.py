@@ -6,6 +6,7 @@ to one :class:`~lightning_ulysses.models.apply.UlyssesHandle`, so each model dis
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -66,12 +67,14 @@ class HeadLayout:
             choices = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ValueError(
                 f"Ulysses SP shards attention heads: num_attention_heads={num_heads} is not divisible by sp={sp}. "
-                f"Choose sp from {choices}."
+                f"Choose sp from {choices}, or run the rest of the SP degree as a ring (the strategies' ring=None "
+                "chooses; apply_ulysses(ring_group=..., ulysses_group=...))."
             )
         if num_kv_heads % sp and sp % num_kv_heads:
             raise ValueError(
                 f"num_key_value_heads={num_kv_heads} and sp={sp}: one must divide the other so that each rank's "
-                f"query heads share whole KV heads. Choose sp from {cls.valid_sp(num_heads, num_kv_heads)}."
+                f"query heads share whole KV heads. Choose sp from {cls.valid_sp(num_heads, num_kv_heads)}, or run "
+                "the rest of the SP degree as a ring (the strategies' ring=None chooses)."
             )
         return cls(num_heads, num_kv_heads, sp)
 
@@ -195,6 +198,7 @@ def make_ulysses_attention(
     per_head: dict[int, dict[str, int]] | None = None,
     windows: dict[int, int] | None = None,
     chunks: dict[int, int] | None = None,
+    ring: bool = False,
 ) -> Callable[..., tuple[Tensor, None]]:
     """Build the attention function registered for one model.
 
@@ -215,6 +219,11 @@ def make_ulysses_attention(
     its mask, not in the backend call; ``chunks`` maps one to its chunked-local-attention size
     (:meth:`~.masks.SequenceMetadata.chunked`). A module whose query / KV head counts differ from the config's (multi-query variants, mixtures
     of attention heads) gets its own layout, validated against ``sp`` at its first call.
+
+    With ``ring=True`` the SP group is split as ``ring × ulysses`` (:meth:`~.mesh.ParallelDims.split`):
+    the exchange runs on the Ulysses group only (``layout.sp`` is the Ulysses degree), after which each
+    rank holds its ring block of ``seq / ring`` tokens for its heads, and :func:`~.ring.ring_attention`
+    passes the key/value blocks around the ring group (:func:`_ring_attention`).
 
     ``debug_attend_layer`` (debug only, see ``apply_ulysses(debug_skip_attention=True)``): every
     attention module whose ``layer_idx`` differs skips the backend (:func:`_debug_skipped_attention`);
@@ -252,7 +261,7 @@ def make_ulysses_attention(
                 f"head sizes and no per-head parameters; {type(module).__name__} does not. Use overlap_chunks=1."
             )
         ctx.attention_calls += 1
-        local = _local_head_parameters(module, per_head.get(id(module)), ctx.sp_rank * lay.local_heads,
+        local = _local_head_parameters(module, per_head.get(id(module)), ctx.ulysses_rank * lay.local_heads,
                                        lay.local_heads, kwargs)
         if lay.kv_repeat > 1:
             key = key.repeat_interleave(lay.kv_repeat, dim=1)
@@ -263,6 +272,10 @@ def make_ulysses_attention(
         sliding_window = kwargs.get("sliding_window")
         causal = bool(kwargs.pop("is_causal", getattr(module, "is_causal", True)))
         meta = ctx.metadata.chunked(chunks[id(module)]) if id(module) in chunks else ctx.metadata
+        skip = debug_attend_layer is not None and getattr(module, "layer_idx", debug_attend_layer) != debug_attend_layer
+        if ring:
+            return _ring_attention(module, query, key, value, lay, meta, sliding_window, causal, kwargs, ctx,
+                                   skip), None
         # sdpa/eager: documents, padding and window bands as separate calls, no [s, s] mask
         # (segments.py); every other pattern/backend takes the mask of masks.py.
         plan = plan_segments(meta, backend, sliding_window, causal)
@@ -274,16 +287,76 @@ def make_ulysses_attention(
             # Backends that read positions (flash's packed-sequence detection) must see global ones.
             kwargs["position_ids"] = meta.position_ids
             attend = _backend_call(backend, module, mask, kwargs, local)
-        if debug_attend_layer is not None and getattr(module, "layer_idx", debug_attend_layer) != debug_attend_layer:
+        if skip:
             attend = _debug_skipped_attention
         if overlap_chunks > 1:
-            return _overlapped_attention(attend, query, key, value, layout, overlap_chunks, ctx.group), None
-        q, k, v = heads_from_sequence([query, key, value], ctx.group)
+            return _overlapped_attention(attend, query, key, value, layout, overlap_chunks, ctx.ulysses_group), None
+        q, k, v = heads_from_sequence([query, key, value], ctx.ulysses_group)
         out = attend(q, k, v, lay.local_kv_groups)
         # out: [batch, seq, Hq/sp, head_dim] -> [batch, seq/sp, Hq, head_dim]
-        return sequence_from_heads(out, ctx.group), None
+        return sequence_from_heads(out, ctx.ulysses_group), None
 
     return ulysses_attention
+
+
+# What the ring kernel does with the backend kwargs HF's attention modules pass: computed with
+# (``scaling``, ``softcap``, ``s_aux`` sinks, ``sliding_window``, ``dropout`` which must be 0), or
+# irrelevant to the attention maths (positions, caches, output flags, flash's packing metadata,
+# which the metadata already describes).
+RING_COMPUTED = ("scaling", "softcap", "s_aux", "sliding_window", "dropout")
+RING_IRRELEVANT = ("position_ids", "cache_position", "output_attentions", "output_hidden_states",
+                   "output_router_logits", "use_cache", "past_key_value", "past_key_values", "num_items_in_batch",
+                   "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "return_dict",
+                   "layer_idx", "token_type_ids")
+
+
+# Backend arguments by these names would change the attention maths (a bias, another sink or scale).
+_RING_MATHS = re.compile(r"bias|alibi|sink|mask|softcap|scal|temperature|logit")
+
+
+def check_ring_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse what the ring kernel does not compute: attention dropout in training, any other float
+    backend argument, and tensors named like a change of the attention maths (the forward's own
+    per-token inputs, ``shift_labels`` and the like, pass through every layer's kwargs unused)."""
+    if float(kwargs.get("dropout") or 0.0) > 0.0:
+        raise ValueError(
+            f"{type(module).__name__} applies attention dropout ({kwargs['dropout']}), which ring attention does not "
+            "compute. Set the config's attention_dropout to 0 for training, or use a split without a ring (ring=1)."
+        )
+    unknown = sorted(k for k, v in kwargs.items() if k not in RING_COMPUTED + RING_IRRELEVANT
+                     and (isinstance(v, float) or (isinstance(v, Tensor) and _RING_MATHS.search(k))))
+    if unknown:
+        raise ValueError(
+            f"{type(module).__name__} passes {unknown} to its attention backend, which ring attention does not "
+            "implement; this model runs only without a ring (ring=1)."
+        )
+
+
+def _ring_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: HeadLayout,
+                    metadata: Any, sliding_window: int | None, causal: bool, kwargs: dict[str, Any],
+                    ctx: "ForwardContext", skip: bool) -> Tensor:
+    """Ulysses × ring: exchange heads on the Ulysses group, ring attention over the ring group,
+    exchange back.
+
+    ``query``: ``[batch, Hq, seq/sp, head_dim]`` (``key``/``value`` KV heads already replicated);
+    returns ``[batch, seq/sp, Hq, head_dim]``. After the exchange this rank holds ring block
+    ``ctx.ring_rank`` — tokens ``[j*seq/ring, (j+1)*seq/ring)``, since SP ranks ``j*ulysses ..
+    (j+1)*ulysses - 1`` hold consecutive chunks — for ``Hq/ulysses`` heads.
+    """
+    from .ring import contiguous_indices, ring_attention
+
+    check_ring_kwargs(module, kwargs)
+    q, k, v = heads_from_sequence([query, key, value], ctx.ulysses_group)
+    if skip:
+        out = _debug_skipped_attention(q, k, v, layout.local_kv_groups)
+    else:
+        seq = metadata.seq_len
+        index = [contiguous_indices(seq, ctx.ring_size, j).to(q.device) for j in range(ctx.ring_size)]
+        with torch.profiler.record_function("ulysses/attention/ring"):
+            out = ring_attention(q, k, v, group=ctx.ring_group, metadata=metadata, token_index=index, causal=causal,
+                                 sliding_window=sliding_window, scaling=kwargs.get("scaling"),
+                                 softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    return sequence_from_heads(out, ctx.ulysses_group)
 
 
 def _local_head_parameters(module: nn.Module, dims: dict[str, int] | None, lo: int, n: int,

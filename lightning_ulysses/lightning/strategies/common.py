@@ -40,8 +40,8 @@ from ...parallel.comm import gather_sequence
 from ..checkpoint_io import remove_marker, resolve_for_load, safe_unpickling, write_atomically
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
 from ...models.apply import UlyssesHandle, apply_ulysses, check_packed_documents, find_hf_models
-from ...models.preflight import check_backend_available, check_backend_trains, check_sp_fits
-from ...parallel.mesh import ParallelDims, build_mesh, validate_sp
+from ...models.preflight import check_backend_available, check_backend_trains, choose_model_split
+from ...parallel.mesh import ParallelDims, build_mesh, validate_sp, warn_if_sp_spans_nodes
 from ...losses.objectives import is_sp_reduced, register_group_source
 
 UNSUPPORTED_PRECISION = ("TransformerEnginePrecision", "BitsandbytesPrecision")
@@ -85,7 +85,11 @@ class UlyssesMixin:
     def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool,
                       overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True,
                       debug_skip_attention: bool = False, packed_documents: str = "refuse",
-                      batch_axes: dict[str, int | None] | None = None) -> None:
+                      batch_axes: dict[str, int | None] | None = None, ring: int | None = None) -> None:
+        if ring is not None and (not isinstance(ring, int) or isinstance(ring, bool) or ring < 1):
+            raise ValueError(f"ring must be a positive integer or None, got {ring!r}.")
+        self._ring_requested = ring
+        self._topology_warned = False
         self._debug_skip_attention = debug_skip_attention  # apply_ulysses warns when it is on
         self._packed_documents = check_packed_documents(packed_documents)
         self._batch_axes = dict(batch_axes or {})
@@ -139,6 +143,31 @@ class UlyssesMixin:
         return self._require_dims().sp_group
 
     @property
+    def ring_size(self) -> int:
+        """Ring degree of the ``sp = ring × ulysses`` split (1: pure Ulysses); known once the models
+        are wrapped (``setup``)."""
+        return self._dims.ring_size if self._dims is not None else 1
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.sp_size // self.ring_size
+
+    @property
+    def ring_group(self) -> dist.ProcessGroup | None:
+        """The ranks that pass key/value blocks around (``None`` without a ring)."""
+        return self._require_dims().ring_group
+
+    @property
+    def ulysses_group(self) -> dist.ProcessGroup:
+        """The ranks that exchange heads (the SP group without a ring)."""
+        return self._require_dims().ulysses_group
+
+    @property
+    def split_mesh(self):
+        """The ``("dp", "ring", "ulysses")`` ``DeviceMesh`` when the SP group runs a ring, else ``None``."""
+        return self._dims.split_mesh if self._dims is not None else None
+
+    @property
     def dp_group(self) -> dist.ProcessGroup:
         return self._require_dims().dp_group
 
@@ -170,26 +199,29 @@ class UlyssesMixin:
             rank = self.cluster_environment.global_rank() if self.cluster_environment is not None else 0
             self._preflight(models, self.num_nodes * self.num_processes, trainer.state.fn == TrainerFn.FITTING, rank)
 
-    def _preflight(self, models: list[nn.Module], world: int, training: bool, rank: int) -> None:
-        """``sp`` against every model's heads and the world, and whether its attention backend runs (and
-        trains) here; the error is reported by rank 0 alone."""
+    def _preflight(self, models: list[nn.Module], world: int, training: bool, rank: int) -> tuple[int, int]:
+        """``sp`` against every model's heads and the world — returning the ``(ulysses, ring)`` split
+        that serves them — and whether each attention backend runs (and trains) here; the error is
+        reported by rank 0 alone."""
         device = self.root_device.type if getattr(self, "parallel_devices", None) else "cpu"
+        fresh = [m for m in models
+                 if not str(getattr(m.config, "_attn_implementation", None) or "").startswith("ulysses_")]
         try:
-            for model in models:
+            split = choose_model_split(fresh or models, self.sp_size, world, self._ring_requested,
+                                       getattr(self, "num_processes", None))
+            for model in fresh:  # an already-applied model: apply_ulysses says so
                 backend = getattr(model.config, "_attn_implementation", None) or "eager"
-                if backend.startswith("ulysses_"):
-                    continue  # already applied: apply_ulysses says so
-                check_sp_fits(model, self.sp_size, world)
                 check_backend_available(backend)
                 if training:
                     check_backend_trains(backend, device)
         except ValueError as error:
             _report_once(error, rank)
+        return split
 
     def _build_mesh(self) -> None:
         # The strategy's timeout for the SP and DP groups too, so a stalled SP peer fails the job in time.
-        self._dims = build_mesh(self.root_device.type, self.sp_size, procs_per_node=self.num_processes,
-                                timeout=getattr(self, "_timeout", None))
+        # the topology warning waits for the ring x ulysses split (_wrap_hf_models)
+        self._dims = build_mesh(self.root_device.type, self.sp_size, timeout=getattr(self, "_timeout", None))
 
     @property
     def sequences_sharded(self) -> bool:
@@ -299,10 +331,24 @@ class UlyssesMixin:
             )
         trainer = getattr(self.lightning_module, "_trainer", None) if hasattr(self, "lightning_module") else None
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        self._preflight(models, self.world_size, fitting, self.global_rank)
+        ulysses, ring = self._preflight(models, self.world_size, fitting, self.global_rank)
+        dims = self._require_dims()
+        if dims.ring_size == 1 and ring > 1:  # collective: every rank reaches it with the same models
+            self._dims = dims = dims.split(ulysses, timeout=getattr(self, "_timeout", None))
+        elif dims.ring_size != ring:
+            raise ValueError(
+                f"this module needs the split ulysses={ulysses} x ring={ring}, but the strategy's SP groups already "
+                f"run ulysses={dims.ulysses_size} x ring={dims.ring_size} for the modules set up before; pass ring= "
+                "to the strategy to fix one split for all of them."
+            )
+        if self.global_rank == 0 and not self._topology_warned:  # once per job
+            self._topology_warned = True
+            warn_if_sp_spans_nodes(self.world_size, self.sp_size, self.num_processes, ulysses)
+        groups = ({"ring_group": dims.ring_group, "ulysses_group": dims.ulysses_group} if ring > 1 else {})
         handles = [
             apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks,
-                          debug_skip_attention=self._debug_skip_attention, packed_documents=self._packed_documents)
+                          debug_skip_attention=self._debug_skip_attention, packed_documents=self._packed_documents,
+                          **groups)
             for m in models
         ]
         if self._unregister_group is None:

@@ -53,9 +53,14 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         batch_axes: ``{key: sequence axis}`` for per-token batch keys the sharding collate does not
             know (``{key: None}`` passes a key whole); an unknown tensor with an axis of the row
             length is refused otherwise (see :func:`~lightning_ulysses.shard_batch`).
+        ring: ring degree of the split ``sp = ring × ulysses`` (README, "Beyond the head count"):
+            ``None`` (default) picks the largest Ulysses degree the model's heads allow that also
+            divides the processes per node, and runs the rest of ``sp`` as ring attention (so ``sp``
+            may exceed the heads); ``ring=sp`` is a pure ring, ``ring=1`` pure Ulysses.
 
     The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
-    ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``. ``predict`` bypasses SP
+    ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``, and for the split ``ring_group``,
+    ``ulysses_group``, ``ring_size``, ``ulysses_size`` and ``split_mesh``. ``predict`` bypasses SP
     unless ``predict_mode="sp"``.
     """
 
@@ -78,6 +83,7 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         debug_skip_attention: bool = False,
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
+        ring: int | None = None,
     ) -> None:
         super().__init__(
             process_group_backend=process_group_backend,
@@ -89,7 +95,7 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         )
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
 
     @override
     def _configure_launcher(self) -> None:

@@ -137,6 +137,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             ``attention_mask``, as in :class:`~lightning_ulysses.UlyssesStrategy`.
         batch_axes: sequence axes of batch keys the collate does not know, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        ring: ring degree of ``sp = ring × ulysses`` (``None``: chosen from the model's heads), as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
         accelerator: set by Fabric from ``Fabric(accelerator=...)``.
         parallel_devices: set by Fabric from ``Fabric(devices=...)``.
         cluster_environment: set by Fabric (detected, or from ``Fabric(plugins=...)``).
@@ -169,6 +171,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         debug_skip_attention: bool = False,
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
+        ring: int | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -178,7 +181,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         )
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
 
     @override
     def _configure_launcher(self) -> None:
@@ -242,6 +245,8 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
             ``attention_mask``, as in :class:`~lightning_ulysses.UlyssesStrategy`.
         batch_axes: sequence axes of batch keys the collate does not know, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        ring: ring degree of ``sp = ring × ulysses`` (``None``: chosen from the model's heads), as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     _sharded_checkpoints = True  # every rank writes its shards
@@ -264,6 +269,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         debug_skip_attention: bool = False,
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
+        ring: int | None = None,
     ) -> None:
         super().__init__(parallelize_fn=self._parallelize, save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -271,7 +277,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         self._init_checkpointing(activation_checkpointing, offload_activations)
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
 
     @override
     def _configure_launcher(self) -> None:

@@ -165,6 +165,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
             ``attention_mask``, as in :class:`~lightning_ulysses.UlyssesStrategy`.
         batch_axes: sequence axes of batch keys the collate does not know, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        ring: ring degree of ``sp = ring × ulysses`` (``None``: chosen from the model's heads), as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     strategy_name = "ulysses_fsdp"
@@ -191,6 +193,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
         debug_skip_attention: bool = False,
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
+        ring: int | None = None,
     ) -> None:
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -199,7 +202,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
         self._offload_params = offload_params
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
 
     @override
     def _configure_launcher(self) -> None:
