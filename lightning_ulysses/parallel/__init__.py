@@ -1,9 +1,10 @@
 """The parallel layer: how ranks are arranged and what they exchange, independent of any model.
 
-* :mod:`.mesh` — the DP × SP device mesh and its process groups;
+* :mod:`.mesh` — the DP × SP device mesh, its process groups and their ``ring × ulysses`` split;
 * :mod:`.comm` — every collective (all-to-all sequence↔heads, gathers, SP sums), with autograd;
 * :mod:`.attention` — the Ulysses attention: exchange, the model's own backend on the full
   sequence, exchange back; head layouts and the ``sp`` they allow;
 * :mod:`.masks` — full-sequence metadata (positions, padding, documents) and the masks built from it;
-* :mod:`.segments` — attention split into the segments that can interact (packed rows, windows).
+* :mod:`.segments` — attention split into the segments that can interact (packed rows, windows);
+* :mod:`.ring` — exact ring attention: K/V blocks passed around the ring group, merged by log-sum-exp.
 """
