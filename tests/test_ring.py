@@ -267,6 +267,9 @@ STATS_CASES = [
     Case("stats_packed", packs=((8, 8, 16), (4, 12, 16))),
     Case("stats_window", window=3),
     Case("stats_window_non_causal", causal=False, window=3),
+    # runs of 4 tokens: a query run starts exactly 5 after a key run ends, the first distance out of the window
+    Case("stats_window_boundary", window=5),
+    Case("stats_window_boundary_non_causal", causal=False, window=5),
     Case("stats_non_causal_packed", causal=False, packs=((8, 8, 16), (4, 12, 16))),
 ]
 STATS_RING = 4
