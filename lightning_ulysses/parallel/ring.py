@@ -1,6 +1,6 @@
 """Exact ring attention: each rank keeps its query block while key/value blocks travel the ring.
 
-This module owns the kernel of ring attention (DESIGN.md section 10) and nothing around it: the
+This module owns the kernel of ring attention (Ulysses × ring) and nothing around it: the
 token layouts of the ring (:func:`contiguous_indices`, :func:`zigzag_indices`), the block plan
 (which pairs of query and key runs can interact), the point-to-point rotation of K/V blocks over
 the ring process group, and the forward/backward of :func:`ring_attention` as one
