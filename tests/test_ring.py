@@ -292,7 +292,7 @@ def _runs(index: list[int], cap: int) -> list[list[int]]:
 def expected_stats(case: Case, layout: str, rank: int, ring: int = STATS_RING, cap: int | None = None) -> RingStats:
     """Brute force from the dense mask: a (query run, key run) pair must be computed iff some row
     allows some of its entries, and needs a mask iff some entry is forbidden."""
-    cap = ring_module.MAX_RUN if cap is None else cap
+    cap = ring_module.MAX_RUN_CPU if cap is None else cap
     allowed = case.metadata().dense_mask(case.window, case.causal)[:, 0]
     q_runs = _runs(LAYOUTS[layout](case.seq, ring, rank).tolist(), cap)
     stats = RingStats()
@@ -367,14 +367,14 @@ CAP = 3  # runs of 4 tokens become 3 + 1: several pairs per run, uneven
 
 
 def _capped_worker(rank: int, world: int) -> tuple[list[dict], dict]:
-    ring_module.MAX_RUN = CAP  # this forked process only
+    ring_module.MAX_RUN_CPU = CAP  # this forked process only
     return _worker(rank, world, CASES, "zigzag", [list(range(world))]), _stats_worker(rank, world)
 
 
 def test_runs_longer_than_max_run_are_cut() -> None:
-    """With runs cut every ``MAX_RUN`` tokens the results stay exact, every pair that cannot
+    """With runs cut every ``MAX_RUN_CPU`` tokens the results stay exact, every pair that cannot
     interact is skipped, and zigzag stays balanced."""
-    assert CAP < 32 // (2 * STATS_RING) < ring_module.MAX_RUN
+    assert CAP < 32 // (2 * STATS_RING) < ring_module.MAX_RUN_CPU
     results = run_distributed(_capped_worker, STATS_RING)
     for i, case in enumerate(CASES):
         check(case, assemble(case, "zigzag", [results[r][0][i] for r in range(STATS_RING)]))

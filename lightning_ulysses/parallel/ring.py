@@ -62,10 +62,17 @@ _KV_TAG = 0
 _GRAD_TAG = 2
 
 # The longest run of a (query run, key run) pair: bounds each pair's score tensor at
-# batch · Hq · MAX_RUN² and lets the causal diagonal skip its upper triangle at that grain. On CPU
+# batch · Hq · max_run² and lets the causal diagonal skip its upper triangle at that grain. On CPU
 # (one thread, 2048-4096 causal tokens, Hq 8, d 64) 256 was the fastest of 64..1024, about 2.3x
 # faster than uncapped runs at 4096: smaller score tiles stay in cache and skip more of the diagonal.
-MAX_RUN = 256
+# Accelerators pay a launch per op of every pair, so they get longer runs (not measured yet).
+MAX_RUN_CPU = 256
+MAX_RUN_ACCELERATOR = 1024
+
+
+def _max_run(device: torch.device) -> int:
+    """The longest run of query or key tokens one pair computes at once on ``device``."""
+    return MAX_RUN_CPU if device.type == "cpu" else MAX_RUN_ACCELERATOR
 
 
 # -- layouts --------------------------------------------------------------------------------------
@@ -186,9 +193,9 @@ class _Pair:
     kind: _Kind
 
 
-def _runs(index: list[int], doc: Tensor | None, valid: Tensor | None) -> list[_Run]:
+def _runs(index: list[int], doc: Tensor | None, valid: Tensor | None, cap: int) -> list[_Run]:
     """Split one block's true indices into runs of consecutive indices, cut at the block's middle
-    too, and every ``MAX_RUN`` tokens from each run's start.
+    too, and every ``cap`` tokens from each run's start.
 
     The middle cut keeps the two zigzag halves apart where they touch (the last ring rank holds
     blocks ``R - 1`` and ``R``, consecutive), so every rank's causal work is the same, and lets a
@@ -197,7 +204,7 @@ def _runs(index: list[int], doc: Tensor | None, valid: Tensor | None) -> list[_R
     """
     runs, lo, half = [], 0, (len(index) + 1) // 2
     for pos in range(1, len(index) + 1):
-        if (pos == len(index) or pos == half or pos - lo == MAX_RUN
+        if (pos == len(index) or pos == half or pos - lo == cap
                 or index[pos] != index[pos - 1] + 1):
             a, b = index[lo], index[pos - 1] + 1
             runs.append(_Run(
@@ -240,12 +247,12 @@ def _classify(q: _Run, k: _Run, causal: bool, window: int | None) -> _Kind | Non
 
 
 def _plan(token_index: Sequence[Tensor], rank: int, metadata: SequenceMetadata, causal: bool,
-          window: int | None, scores_per_pair_unit: int) -> list[list[_Pair]]:
+          window: int | None, scores_per_pair_unit: int, cap: int) -> list[list[_Pair]]:
     """Pairs to compute at each ring step ``t`` (key block of ring rank ``(rank - t) % ring``)."""
     doc = None if metadata.doc_ids is None else metadata.doc_ids.detach().cpu()
     valid = None if metadata.valid is None else metadata.valid.detach().cpu()
     ring = len(token_index)
-    runs = [_runs(ix.tolist(), doc, valid) for ix in token_index]
+    runs = [_runs(ix.tolist(), doc, valid, cap) for ix in token_index]
     steps, skipped = [], 0
     for t in range(ring):
         pairs = []
@@ -531,7 +538,8 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, group: ProcessG
     index = [ix.to(device=device, dtype=torch.long) for ix in token_index]
     cfg = _Config(
         ring=ring,
-        plan=_plan(index, ring.rank, metadata, causal, sliding_window, scores_per_pair_unit=b * hq),
+        plan=_plan(index, ring.rank, metadata, causal, sliding_window, scores_per_pair_unit=b * hq,
+                   cap=_max_run(query.device)),
         token_index=index, metadata=metadata, causal=causal, window=sliding_window,
         scaling=d ** -0.5 if scaling is None else float(scaling),
         softcap=None if softcap is None else float(softcap), groups=hq // hkv,
