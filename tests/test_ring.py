@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lightning_ulysses.parallel import ring as ring_module
 from lightning_ulysses.parallel.masks import SequenceMetadata
 from lightning_ulysses.parallel.ring import (
     RingStats,
@@ -267,32 +268,37 @@ STATS_CASES = [
     Case("stats_packed", packs=((8, 8, 16), (4, 12, 16))),
     Case("stats_window", window=3),
     Case("stats_window_non_causal", causal=False, window=3),
+    # runs of 4 tokens: a query run starts exactly 5 after a key run ends, the first distance out of the window
+    Case("stats_window_boundary", window=5),
+    Case("stats_window_boundary_non_causal", causal=False, window=5),
     Case("stats_non_causal_packed", causal=False, packs=((8, 8, 16), (4, 12, 16))),
 ]
 STATS_RING = 4
 
 
-def _runs(index: list[int]) -> list[list[int]]:
-    """The kernel's runs: each half of the block, split where indices stop being consecutive."""
+def _runs(index: list[int], cap: int) -> list[list[int]]:
+    """The kernel's runs: each half of the block, split where indices stop being consecutive and
+    every ``cap`` tokens."""
     half = (len(index) + 1) // 2
     runs = []
     for part in (index[:half], index[half:]):
         for i, t in enumerate(part):
-            if i == 0 or t != part[i - 1] + 1:
+            if i == 0 or t != part[i - 1] + 1 or len(runs[-1]) == cap:
                 runs.append([])
             runs[-1].append(t)
     return runs
 
 
-def expected_stats(case: Case, layout: str, rank: int, ring: int = STATS_RING) -> RingStats:
+def expected_stats(case: Case, layout: str, rank: int, ring: int = STATS_RING, cap: int | None = None) -> RingStats:
     """Brute force from the dense mask: a (query run, key run) pair must be computed iff some row
     allows some of its entries, and needs a mask iff some entry is forbidden."""
+    cap = ring_module.MAX_RUN_CPU if cap is None else cap
     allowed = case.metadata().dense_mask(case.window, case.causal)[:, 0]
-    q_runs = _runs(LAYOUTS[layout](case.seq, ring, rank).tolist())
+    q_runs = _runs(LAYOUTS[layout](case.seq, ring, rank).tolist(), cap)
     stats = RingStats()
     for owner in range(ring):
         for qr in q_runs:
-            for kr in _runs(LAYOUTS[layout](case.seq, ring, owner).tolist()):
+            for kr in _runs(LAYOUTS[layout](case.seq, ring, owner).tolist(), cap):
                 sub = allowed[:, qr][:, :, kr]
                 if not sub.any():
                     stats.skipped_pairs += 1
@@ -355,3 +361,29 @@ def test_stats_are_not_recorded_outside_the_block() -> None:
     assert before.skipped_pairs == 1  # the upper quarter of the causal square
     ring_attention(x["q"], x["k"], x["v"], **kwargs)
     assert stats == before
+
+
+CAP = 3  # runs of 4 tokens become 3 + 1: several pairs per run, uneven
+
+
+def _capped_worker(rank: int, world: int) -> tuple[list[dict], dict]:
+    ring_module.MAX_RUN_CPU = CAP  # this forked process only
+    return _worker(rank, world, CASES, "zigzag", [list(range(world))]), _stats_worker(rank, world)
+
+
+def test_runs_longer_than_max_run_are_cut() -> None:
+    """With runs cut every ``MAX_RUN_CPU`` tokens the results stay exact, every pair that cannot
+    interact is skipped, and zigzag stays balanced."""
+    assert CAP < 32 // (2 * STATS_RING) < ring_module.MAX_RUN_CPU
+    results = run_distributed(_capped_worker, STATS_RING)
+    for i, case in enumerate(CASES):
+        check(case, assemble(case, "zigzag", [results[r][0][i] for r in range(STATS_RING)]))
+    for layout in LAYOUTS:
+        for case in STATS_CASES:
+            for rank in range(STATS_RING):
+                got = results[rank][1][layout, case.name]
+                assert got == expected_stats(case, layout, rank, cap=CAP), f"{layout} {case.name} rank {rank}"
+    zigzag = [results[r][1]["zigzag", "stats_causal"] for r in range(STATS_RING)]
+    assert len({z.scores_computed for z in zigzag}) == 1
+    default = expected_stats(STATS_CASES[0], "zigzag", 0)
+    assert zigzag[0].computed_pairs > default.computed_pairs  # the cap did cut the runs

@@ -6,5 +6,10 @@
   sequence, exchange back; head layouts and the ``sp`` they allow;
 * :mod:`.masks` — full-sequence metadata (positions, padding, documents) and the masks built from it;
 * :mod:`.segments` — attention split into the segments that can interact (packed rows, windows);
-* :mod:`.ring` — exact ring attention: K/V blocks passed around the ring group, merged by log-sum-exp.
+* :mod:`.ring` — the exact ring-attention kernel (K/V blocks passed round a ring group, log-sum-exp
+  merge, block pairs that cannot interact skipped) and its token layouts.
 """
+
+from .ring import RingStats, contiguous_indices, record_ring_stats, ring_attention, zigzag_indices
+
+__all__ = ["RingStats", "contiguous_indices", "record_ring_stats", "ring_attention", "zigzag_indices"]
