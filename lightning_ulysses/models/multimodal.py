@@ -136,6 +136,51 @@ def composite_objective(model: nn.Module) -> str | None:
     )
 
 
+def check_composite_call(parts: CompositeParts | None, model: nn.Module, call: dict[str, Any]) -> None:
+    """Refuse a composite's call without ``input_ids``: its images are merged at their placeholder
+    tokens on the whole row, which ``inputs_embeds`` no longer show."""
+    if parts is not None and call.get("input_ids") is None:
+        raise ValueError(
+            f"{type(model).__name__} under Ulysses SP needs input_ids [batch, seq/sp] (not inputs_embeds): "
+            "the images are merged at their placeholder tokens on the whole row."
+        )
+
+
+def full_row_inputs(parts: CompositeParts | None, call: dict[str, Any]) -> list[tuple[str, Tensor]]:
+    """The per-token inputs ``[b, seq/sp]`` of this call that the outer model reads on the whole row
+    (``input_ids`` first, then those of :data:`ROW_INPUTS` given); ``[]`` for a text model.
+
+    The handle gathers them over the SP group in its one metadata all-gather of the forward."""
+    if parts is None:
+        return []
+    return [("input_ids", call["input_ids"])] + [(k, call[k]) for k in parts.row_inputs if call.get(k) is not None]
+
+
+def call_with_full_row(parts: CompositeParts, model: nn.Module, call: dict[str, Any],
+                       row_inputs: list[tuple[str, Tensor]], gathered: Tensor, mask: Tensor | None,
+                       full_mask: Tensor, given: Tensor | None, full_positions: Tensor) -> dict[str, Tensor]:
+    """Put the whole row's inputs into the outer model's ``call`` (in place) and return them.
+
+    Args:
+        row_inputs: what :func:`full_row_inputs` returned (this rank's chunks).
+        gathered: the same inputs gathered over the SP group, ``[len(row_inputs), b, seq]`` (int64).
+        mask: this rank's ``attention_mask`` chunk, or ``None``; ``full_mask``: its gathered row ``[b, seq]``.
+        given: this rank's ``position_ids`` chunk, or ``None``; ``full_positions``: its gathered planes
+            ``[planes, b, seq]``.
+
+    Returns:
+        ``{name: [b, seq]}`` of the gathered row inputs, in their own dtypes.
+    """
+    whole = {key: gathered[i].to(value.dtype) for i, (key, value) in enumerate(row_inputs)}
+    check_row_inputs(parts, model, whole)
+    call.update(whole)
+    if mask is not None:
+        call["attention_mask"] = full_mask.to(mask.dtype)  # get_rope_index skips the padding
+    if given is not None:
+        call["position_ids"] = full_positions if given.dim() == 3 else full_positions[0]
+    return whole
+
+
 def check_row_inputs(parts: CompositeParts, model: nn.Module, full: dict[str, Tensor]) -> None:
     """Refuse a batch whose full-row inputs ask for a mask Ulysses does not rebuild (yet)."""
     types = full.get("token_type_ids")
