@@ -82,11 +82,11 @@ def _row_with_images(spans: list[tuple[int, int]], seed: int) -> torch.Tensor:
     return row
 
 
-def _qwen_images(spans_by_row, grids):
+def _qwen_images(grids, seed: int = 5):
     """Qwen's flattened patches [patches, 3 * 1 * 2 * 2] and their [t, h, w] grids, in token order."""
     grid = torch.tensor(grids)
     patches = int(grid.prod(-1).sum())
-    pixels = torch.randn(patches, 12, generator=torch.Generator().manual_seed(5))
+    pixels = torch.randn(patches, 12, generator=torch.Generator().manual_seed(seed))
     return {"pixel_values": pixels, "image_grid_thw": grid}
 
 
@@ -118,7 +118,7 @@ def vlm_batch(family: str, images: bool) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "labels": labels}
     n_images = sum(len(s) for s in spans)
     if family == "qwen":
-        batch.update(_qwen_images(spans, grids), mm_token_type_ids=(ids == IMG).long())
+        batch.update(_qwen_images(grids), mm_token_type_ids=(ids == IMG).long())
     else:
         batch["pixel_values"] = torch.randn(n_images, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     return batch
@@ -128,3 +128,78 @@ def vlm_batch(family: str, images: bool) -> dict[str, torch.Tensor]:
 MODELS = {"qwen2_vl": (qwen2_vl, "qwen"), "qwen2_5_vl": (qwen2_5_vl, "qwen"),
           "qwen3_vl": (qwen3_vl, "qwen"), "llava": (llava, "llava"),
           "gemma3": (gemma3, "gemma3")}
+
+
+# -- training data: samples with 0, 1 or 2 images, collated as a processor's batch ------------------
+
+# Image spans (start, tokens) of a sample with n images, per family (Qwen's with their grids), placed
+# across the chunk borders at sp 2 and 4.
+_SAMPLE_SPANS = {
+    "qwen": {1: ([(13, 6)], [[1, 4, 6]]), 2: ([(6, 4), (23, 2)], [[1, 4, 4], [1, 2, 4]])},
+    "llava": {1: ([(12, 16)], None)},
+    "gemma3": {1: ([(14, 4)], None), 2: ([(6, 4), (22, 4)], None)},
+}
+# Images per sample of VLMSamples, read in order 2 samples a batch. Over 2 DP replicas (replica g reads
+# samples g, g + 2, ...): step 1 has images on both replicas (rows with 2 and 1, 1 and 0 images), step 2
+# on one replica only (the other's vision tower gets no gradient), step 3 on neither. Over 1 replica:
+# rows with 2 and 1, then 1 and 0 images, then a text-only batch.
+IMAGE_COUNTS = (2, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0)
+PADDED = (3, 5)  # right-padded samples: one beside an image row, one in a text-only batch
+_PER_TOKEN = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+class VLMSamples(torch.utils.data.Dataset):
+    """Full-length samples ``[SEQ]`` of one VLM family, each with its own images (``pixel_values``
+    and, for Qwen, ``image_grid_thw``) or none; the samples of ``PADDED`` are right-padded. Gemma 3's
+    samples mark their image tokens in ``token_type_ids`` (its bidirectional image blocks) when
+    ``image_blocks``."""
+
+    def __init__(self, family: str, counts: tuple[int, ...] = IMAGE_COUNTS, image_blocks: bool = True,
+                 shuffled_over: int | None = None) -> None:
+        self.family, self.counts, self.image_blocks = family, counts, image_blocks
+        # dataset index -> designed sample: laid out so that a shuffled DistributedSampler over
+        # ``shuffled_over`` replicas (seed 0, epoch 0: Lightning's training sampler) reads the samples
+        # in the designed order, replica g the samples g, g + dp, ...
+        self.layout = list(range(len(counts)))
+        if shuffled_over is not None:
+            dp = shuffled_over
+            for g in range(dp):
+                order = torch.utils.data.DistributedSampler(range(len(counts)), num_replicas=dp, rank=g, seed=0)
+                for k, index in enumerate(order):
+                    self.layout[index] = g + dp * k
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        i = self.layout[index]
+        n = min(self.counts[i], max(_SAMPLE_SPANS[self.family]))
+        spans, grids = _SAMPLE_SPANS[self.family][n] if n else ([], None)
+        ids = _row_with_images(spans, seed=100 + i)
+        mask = torch.ones_like(ids)
+        if i in PADDED:
+            mask[25:] = 0
+        labels = ids.masked_fill((ids == IMG) | (mask == 0), -100)
+        labels[:2] = -100  # a prompt
+        item = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.family == "qwen":
+            item["mm_token_type_ids"] = (ids == IMG).long()
+            if n:
+                item.update(_qwen_images(grids, seed=200 + i))
+        elif n:
+            item["pixel_values"] = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(200 + i))
+        if self.family == "gemma3" and self.image_blocks:
+            item["token_type_ids"] = (ids == IMG).long()
+        return item
+
+
+def vlm_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What a VLM processor's batch looks like: per-token tensors stacked ``[b, SEQ]``, the images of
+    every row concatenated in row order (a row may have none; a batch without images has no
+    ``pixel_values``)."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in _PER_TOKEN if k in samples[0]}
+    for key in ("pixel_values", "image_grid_thw"):
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch
