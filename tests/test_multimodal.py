@@ -1,46 +1,17 @@
 """Vision-language models under SP, vision tower replicated: logits at real tokens, the loss and every
 gradient (language model, vision tower, projector) equal the non-SP run, for an image batch whose image
 tokens straddle the chunk borders and for a text-only batch with padding; composites Ulysses does not
-run are refused, naming why."""
+run are refused, naming why (Gemma 3's image blocks: tests/test_image_blocks.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from lightning_ulysses import apply_ulysses, shard_batch
+from lightning_ulysses import apply_ulysses
 from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_model
-from tests.distributed import assert_close_rel, grad_ratio, run_distributed
-from tests.vlm_models import IMG, MODELS, SEQ, TEXT, gemma3, qwen2_vl, vlm_batch
-
-def _compare(model, ref, batch, dims, sp, what):
-    ref.zero_grad()
-    model.zero_grad()
-    ref_out = ref(**batch, use_cache=False)
-    ref_out.loss.backward()
-    out = model(**shard_batch(batch, dims.sp_rank, sp), use_cache=False)
-    out.loss.backward()
-    n = SEQ // sp
-    lo = dims.sp_rank * n
-    real = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))[:, lo:lo + n].bool()
-    assert_close_rel(out.logits[real], ref_out.logits[:, lo:lo + n][real], name=f"{what} logits")
-    assert_close_rel(out.loss, ref_out.loss, name=f"{what} loss")
-    total = sum(q.grad.double().norm() ** 2 for q in ref.parameters() if q.grad is not None) ** 0.5
-    compared = set()
-    for (pname, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        # a key bias's gradient is zero in exact arithmetic (softmax ignores a per-query constant):
-        # rounding noise in both runs, not a quantity to compare
-        if q.grad is None or q.grad.double().norm() < 1e-6 * total:
-            assert p.grad is None or q.grad is None or p.grad.norm() < 1e-4 * total, pname
-            continue
-        g = p.grad.clone()
-        dist.all_reduce(g, group=dims.sp_group)
-        g /= sp  # what DDP's average over dp x sp ranks does with the SP gradient scale
-        assert_close_rel(g, q.grad, name=f"{what} {pname}")
-        assert abs(grad_ratio(g, q.grad) - 1) < 1e-5, f"{what} {pname}"
-        compared.add(pname.split(".")[1] if pname.startswith("model.") else pname.split(".")[0])
-    return compared
+from tests.distributed import run_distributed
+from tests.vlm_models import MODELS, TEXT, compare_sp_step, qwen2_vl, vlm_batch
 
 
 def _parity(rank, world, name, sp):
@@ -55,7 +26,7 @@ def _parity(rank, world, name, sp):
     handle = apply_ulysses(model, dims.sp_group)
     compared = {}
     for images in (True, False):
-        compared[images] = _compare(model, ref, vlm_batch(family, images), dims, sp, f"{name} images={images}")
+        compared[images] = compare_sp_step(model, ref, vlm_batch(family, images), dims, sp, f"{name} images={images}")
     handle.remove()
     # every component (vision tower, projector, language model; the head unless tied) was compared
     components = {n for n, c in model.model.named_children() if next(c.parameters(), None) is not None}
@@ -79,27 +50,6 @@ def test_vision_language_parity(name, sp):
     # the image batch reaches every component's gradient; the text-only batch the language model's
     assert compared[True] == components, (compared, components)
     assert "language_model" in compared[False], compared
-
-
-def _gemma3_image_blocks(rank, world):
-    from lightning_ulysses.parallel.mesh import build_mesh
-
-    dims = build_mesh("cpu", 2)
-    model = gemma3().float()
-    handle = apply_ulysses(model, dims.sp_group)
-    batch = vlm_batch("gemma3", images=True)
-    batch["token_type_ids"] = (batch["input_ids"] == IMG).long()
-    with pytest.raises(UnsupportedModelError, match="bidirectionally"):
-        model(**shard_batch(batch, dims.sp_rank, 2))
-    # token_type_ids marking no image ask for no bidirectional block: accepted
-    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-    model(**shard_batch(batch, dims.sp_rank, 2)).loss.backward()
-    handle.remove()
-    return True
-
-
-def test_gemma3_bidirectional_image_tokens_are_refused():
-    assert all(run_distributed(_gemma3_image_blocks, 2))
 
 
 def test_other_composites_are_refused():

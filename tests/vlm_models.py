@@ -8,6 +8,10 @@ builder seeds nothing itself; call ``torch.manual_seed`` before it for identical
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+
+from lightning_ulysses import shard_batch
+from tests.distributed import assert_close_rel, grad_ratio
 
 VOCAB = 97
 SEQ = 32
@@ -72,6 +76,31 @@ def gemma3():
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     return model
+
+
+def paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    # PaliGemma 2's language model (Gemma 2: a sliding and a full layer; eager, as Gemma 2 asks); 16 image
+    # tokens per 8x8 image (patch 2)
+    text = {"model_type": "gemma2", **TEXT, "head_dim": 8, "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"]}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 8, "patch_size": 2, "projection_dim": 32}
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(text_config=text, vision_config=vision,
+                                                             image_token_index=IMG, projection_dim=32,
+                                                             attn_implementation="eager"))
+
+
+def paligemma_batch(prefix_lengths: tuple[int, ...] = (22, 19)) -> dict[str, torch.Tensor]:
+    """PaliGemma's prefix-LM rows: 16 image tokens, then the prompt (both ``token_type_ids`` 0: the
+    prefix, attended bidirectionally), then the suffix (type 1, causal, the only labels)."""
+    ids = torch.randint(3, IMG - 1, (len(prefix_lengths), SEQ), generator=torch.Generator().manual_seed(11))
+    ids[:, :16], ids[:, 16] = IMG, 1
+    types = torch.stack([(torch.arange(SEQ) >= n).long() for n in prefix_lengths])
+    labels = ids.masked_fill(types == 0, -100)
+    pixels = torch.randn(len(prefix_lengths), 3, 8, 8, generator=torch.Generator().manual_seed(12))
+    return {"input_ids": ids, "token_type_ids": types, "labels": labels, "pixel_values": pixels}
 
 
 def _row_with_images(spans: list[tuple[int, int]], seed: int) -> torch.Tensor:
@@ -203,3 +232,35 @@ def vlm_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
         if parts:
             batch[key] = torch.cat(parts)
     return batch
+
+
+def compare_sp_step(model, ref, batch, dims, sp, what):
+    """One forward and backward of ``model`` (Ulysses applied) on this rank's shard of ``batch`` against
+    the untouched ``ref`` on the whole batch: logits at real tokens, loss, every gradient (summed over
+    the SP group / sp, also as ratios). Returns the top-level components whose gradients were compared."""
+    ref.zero_grad()
+    model.zero_grad()
+    ref_out = ref(**batch, use_cache=False)
+    ref_out.loss.backward()
+    out = model(**shard_batch(batch, dims.sp_rank, sp), use_cache=False)
+    out.loss.backward()
+    n = SEQ // sp
+    lo = dims.sp_rank * n
+    real = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))[:, lo:lo + n].bool()
+    assert_close_rel(out.logits[real], ref_out.logits[:, lo:lo + n][real], name=f"{what} logits")
+    assert_close_rel(out.loss, ref_out.loss, name=f"{what} loss")
+    total = sum(q.grad.double().norm() ** 2 for q in ref.parameters() if q.grad is not None) ** 0.5
+    compared = set()
+    for (pname, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        # a key bias's gradient is zero in exact arithmetic (softmax ignores a per-query constant):
+        # rounding noise in both runs, not a quantity to compare
+        if q.grad is None or q.grad.double().norm() < 1e-6 * total:
+            assert p.grad is None or q.grad is None or p.grad.norm() < 1e-4 * total, pname
+            continue
+        g = p.grad.clone()
+        dist.all_reduce(g, group=dims.sp_group)
+        g /= sp  # what DDP's average over dp x sp ranks does with the SP gradient scale
+        assert_close_rel(g, q.grad, name=f"{what} {pname}")
+        assert abs(grad_ratio(g, q.grad) - 1) < 1e-5, f"{what} {pname}"
+        compared.add(pname.split(".")[1] if pname.startswith("model.") else pname.split(".")[0])
+    return compared
