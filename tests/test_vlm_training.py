@@ -78,7 +78,8 @@ def _trainer_fit(rank, world, name, sp):
 def _fabric_fit(rank, world, name, sp):
     from lightning.fabric import Fabric
 
-    fabric = Fabric(accelerator="cpu", devices=world, strategy=UlyssesFabricStrategy(sp=sp, find_unused_parameters=True))
+    strategy = UlyssesFabricStrategy(sp=sp, find_unused_parameters=True)
+    fabric = Fabric(accelerator="cpu", devices=world, strategy=strategy)
     fabric.launch()
     model = fabric.setup_module(_build(name))
     opt = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=LR))
