@@ -2,7 +2,8 @@
 UlyssesFabricStrategy (Fabric) over dp x sp CPU ranks give the logged losses and the final weights —
 every language-model, vision-tower and projector parameter — of plain DDP over the dp replicas
 (same sampler, same data), on batches whose rows hold different numbers of images, rows without
-images, and text-only batches (on one DP replica, then on all).
+images, and text-only batches (on one DP replica, then on all). Gemma 3's samples mark their image
+tokens in token_type_ids, so its image blocks attend bidirectionally (tests/test_image_blocks.py).
 
 DDP needs ``find_unused_parameters=True`` for a VLM whose batches may have no images, with or
 without SP: the vision tower takes no part in a text-only forward (README, "Vision-language models").
@@ -141,8 +142,8 @@ def _assert_matches(results, name, dp, sp, shuffled):
                 assert (state[k] - v).double().norm() <= 1e-5 * largest, f"{k} (rank {rank})"
 
 
-@pytest.mark.parametrize("name,world,sp", [("qwen2_vl", 4, 2), ("llava", 2, 2), ("qwen2_vl", 4, 4)],
-                         ids=["qwen2_vl-dp2xsp2", "llava-sp2", "qwen2_vl-sp4"])
+@pytest.mark.parametrize("name,world,sp", [("qwen2_vl", 4, 2), ("llava", 2, 2), ("gemma3", 2, 2), ("qwen2_vl", 4, 4)],
+                         ids=["qwen2_vl-dp2xsp2", "llava-sp2", "gemma3-image-blocks-sp2", "qwen2_vl-sp4"])
 def test_trainer_with_images_matches_ddp(name, world, sp):
     results = run_distributed(_trainer_fit, world, name, sp, init_pg=False)
     _assert_matches(results, name, world // sp, sp, shuffled=True)
