@@ -18,6 +18,11 @@ image starts. So under SP:
    the row's tokens, e.g. Qwen3-VL's deepstack features) before the language model runs under
    Ulysses attention, so the language model sees what a text model sees under SP.
 
+Masks the outer model builds from the whole row are rebuilt from the gathered inputs: bidirectional
+blocks (Gemma 3's image tokens, PaliGemma's prefix: :func:`image_blocks_rule`,
+:func:`attach_image_blocks`, ``SequenceMetadata.blocks``), and a causal mask handed to a language
+model whose attention modules say otherwise (:attr:`CompositeParts.causal_mask`).
+
 Gradients: the features of every image enter every rank's full row, and only this rank's chunk
 continues, so the vision tower (and the token embedding) of rank ``r`` receive the gradient of the
 loss through chunk ``r`` only, at the ``sp x`` scale of every SP gradient (docs/sp-loss.md). The sum
