@@ -20,7 +20,7 @@ from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_mod
 from lightning_ulysses.parallel.masks import SequenceMetadata
 from lightning_ulysses.parallel.segments import attention_paths, plan_segments
 from tests.distributed import assert_close_rel, run_distributed
-from tests.vlm_models import IMG, compare_sp_step, gemma3, paligemma, paligemma_batch, vlm_batch
+from tests.vlm_models import IMG, SEQ, compare_sp_step, gemma3, paligemma, paligemma_batch, vlm_batch
 
 S = 20
 # Gemma 3 image runs: one of 5 tokens (longer than the window of 3), one of 2, one straddling the padding
@@ -63,7 +63,8 @@ def test_gemma3_blocks_match_transformers(window):
     meta, ours = _ours(rule, TYPES, VALID, window)
     _assert_same_on_real_queries(hf["full_attention" if window is None else "sliding_attention"], ours, VALID)
     # the blocks change the mask: a future image token is attended
-    assert ours[0, 0, 2, 6] and not SequenceMetadata.from_gathered(meta.position_ids, VALID).dense_mask(window)[0, 0, 2, 6]
+    causal = SequenceMetadata.from_gathered(meta.position_ids, VALID).dense_mask(window)
+    assert ours[0, 0, 2, 6] and not causal[0, 0, 2, 6]
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -164,6 +165,12 @@ def _paligemma_parity(rank, world, sp):
     batch = paligemma_batch()
     compared = compare_sp_step(model, ref, batch, dims, sp, "paligemma prefix")
     compare_sp_step(model, ref, {k: v for k, v in batch.items() if k != "token_type_ids"}, dims, sp, "paligemma causal")
+    # a row that needs SP padding and says nothing of it (position_ids, no attention_mask): the padding
+    # would join the prefix, so it is refused; with an attention_mask the padding is masked
+    odd = {k: v[:, :SEQ - 1] if k != "pixel_values" else v for k, v in batch.items()}
+    with pytest.raises(UnsupportedModelError, match="multiple of sp"):
+        model(**shard_batch({**odd, "position_ids": torch.arange(SEQ - 1).expand(2, -1)}, dims.sp_rank, sp))
+    model(**shard_batch({**odd, "attention_mask": torch.ones_like(odd["input_ids"])}, dims.sp_rank, sp))
     handle.remove()
     return compared
 

@@ -280,6 +280,16 @@ def attach_image_blocks(parts: CompositeParts, model: nn.Module, metadata: Seque
             "full and sliding-window layers, so Ulysses SP does not rebuild that mask. Do not pack these rows, "
             f"or call the model without {rule.key}."
         )
+    ends_in_prefix = (types[:, -1] == 0) & (types == 1).any(-1)
+    if rule.ids is _prefix_block and metadata.valid is None and bool(ends_in_prefix.any()):
+        # shard_batch pads a row to a multiple of sp with type 0 and, for rows with position_ids, no
+        # padding mask: such padding would join the prefix block, which every prefix token attends to
+        raise _unsupported(
+            f"this batch has rows ending in {rule.key} 0 after their suffix (1) and no attention_mask: under SP "
+            "these may be the padding added to reach a multiple of sp, which PaliGemma's prefix rule would let "
+            "the prefix attend to. Pass an attention_mask (the padding is then masked), or rows whose length "
+            "divides by sp."
+        )
     metadata.blocks = blocks
     metadata.blocks_windowed = rule.windowed
 
