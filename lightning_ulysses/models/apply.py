@@ -46,7 +46,8 @@ from .debug import debug_attend_layer
 from ..losses.sp_loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from ..parallel.masks import SequenceMetadata
 from .moe import add_to_loss, wants_router_logits, zero_coefficient
-from .multimodal import check_row_inputs, wrap_language_model
+from .multimodal import (attach_image_blocks, call_with_full_row, check_composite_call, full_row_inputs,
+                         wrap_language_model)
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
 from .preflight import check_backend_available, check_backend_trains
@@ -303,11 +304,7 @@ class UlyssesHandle:
         if ref is None:
             raise ValueError("Ulysses SP needs input_ids or inputs_embeds of shape [batch, seq/sp].")
         composite = self.plan.composite
-        if composite is not None and call.get("input_ids") is None:
-            raise ValueError(
-                f"{type(self.model).__name__} under Ulysses SP needs input_ids [batch, seq/sp] (not inputs_embeds): "
-                "the images are merged at their placeholder tokens on the whole row."
-            )
+        check_composite_call(composite, self.model, call)
         if call.get("past_key_values") is not None:
             raise ValueError(
                 "a KV cache cannot be used under Ulysses SP (it would hold one chunk). Generate inside "
@@ -351,10 +348,7 @@ class UlyssesHandle:
         if label_src is not None:
             rows.append(label_src.long().to(device))
         derive_from_ids = given is None and plan.positions == "from_input_ids" and ids is not None
-        # A composite model runs its embedding, image merge and positions on the whole row: its
-        # per-token inputs travel in the same collective.
-        row_inputs = ([("input_ids", ids)] + [(k, call[k]) for k in composite.row_inputs if call.get(k) is not None]
-                      if composite is not None else [])
+        row_inputs = full_row_inputs(composite, call)  # a composite's, gathered in the same collective
         first_row_input = len(rows)
         rows += [value.long().expand(b, s_local) for _, value in row_inputs]
         if derive_from_ids:
@@ -381,18 +375,15 @@ class UlyssesHandle:
             # else the outer model derives its own (mrope) positions from the whole row; the language
             # model falls back on these when it derives none (multimodal.wrap_language_model)
         if composite is not None:
-            whole = {key: full[first_row_input + i].to(value.dtype) for i, (key, value) in enumerate(row_inputs)}
-            check_row_inputs(composite, self.model, whole)
-            call.update(whole)
-            if mask is not None:
-                call["attention_mask"] = full_mask.to(mask.dtype)  # get_rope_index skips the padding
-            if given is not None:
-                call["position_ids"] = full[:p] if given.dim() == 3 else full[0]
+            whole = call_with_full_row(composite, self.model, call, row_inputs, full[first_row_input:], mask,
+                                       full_mask, given, full[:p])
         metadata = SequenceMetadata.from_gathered(positions, full_mask.bool() if mask is not None else None)
         if given is None or p == 3:
             metadata.doc_ids = None  # derived positions never describe packed documents
         elif metadata.doc_ids is not None and (mask is not None or not plan.splits_packed_rows):
             self._packed_rows_differ(with_mask=mask is not None)
+        if composite is not None:
+            attach_image_blocks(composite, self.model, metadata, whole)  # Gemma 3's image tokens, ...
         if "cache_position" in self._signature.parameters and call.get("cache_position") is None:
             # the index of each token in the whole row, as the non-SP model numbers it (a composite
             # gets the whole row's, cut by its language model's wrapper)

@@ -18,6 +18,11 @@ image starts. So under SP:
    the row's tokens, e.g. Qwen3-VL's deepstack features) before the language model runs under
    Ulysses attention, so the language model sees what a text model sees under SP.
 
+Masks the outer model builds from the whole row are rebuilt from the gathered inputs: bidirectional
+blocks (Gemma 3's image tokens, PaliGemma's prefix: :func:`image_blocks_rule`,
+:func:`attach_image_blocks`, ``SequenceMetadata.blocks``), and a causal mask handed to a language
+model whose attention modules say otherwise (:attr:`CompositeParts.causal_mask`).
+
 Gradients: the features of every image enter every rank's full row, and only this rank's chunk
 continues, so the vision tower (and the token embedding) of rank ``r`` receive the gradient of the
 loss through chunk ``r`` only, at the ``sp x`` scale of every SP gradient (docs/sp-loss.md). The sum
@@ -28,12 +33,14 @@ as for every other parameter.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
 
+from ..parallel.masks import SequenceMetadata
 from .context import ForwardContext
 from .patching import add_forward_wrapper, bind_call, remove_forward_wrapper
 
@@ -49,6 +56,13 @@ _VISUAL_POSITIONS = "visual_pos_masks"
 _VISUAL_FEATURES = "deepstack_visual_embeds"
 # What an outer model builds its image-block (bidirectional) attention from.
 _IMAGE_BLOCK_MASK = ("block_sequence_ids", "token_type_ids_mask_function")
+# The two forms of block ids Ulysses rebuilds (see image_blocks_rule): a function of the model's own
+# module numbering each run of image tokens (Gemma 3), and PaliGemma's prefix (every token of type 0).
+_BLOCK_FUNCTION = "get_block_sequence_ids_for_mask"
+_BLOCK_FUNCTION_CALL = re.compile(rf"\b{_BLOCK_FUNCTION}\(\s*(\w+)")
+_PREFIX_BLOCK = re.compile(r"block_sequence_ids\W*=\s*torch\.where\(\s*(\w+)\s*==\s*0\s*,\s*0\s*,\s*-1\s*\)")
+# The sliding window limits the blocks too: Gemma 3's sliding masks AND the window after ORing the blocks in.
+_WINDOWED_BLOCKS = "and_mask_function=sliding_window_overlay"
 
 
 def _unsupported(message: str) -> Exception:
@@ -66,14 +80,37 @@ class CompositeParts:
         module: that submodule.
         row_inputs: the outer forward's per-token inputs, besides ``input_ids`` and
             ``attention_mask``, gathered to the full row (:data:`ROW_INPUTS` it takes).
-        image_blocks: the outer model lets image tokens attend to each other both ways when given
-            ``token_type_ids`` (Gemma 3); such a batch is refused (:func:`check_row_inputs`).
+        image_blocks: how the outer model lets tokens attend to each other both ways (Gemma 3's
+            image tokens, PaliGemma's prefix), ``None`` when it does not.
+        causal_mask: the outer model hands its language model a causal mask (``create_causal_mask``)
+            although the language model's attention modules say ``is_causal = False`` (PaliGemma sets
+            ``use_bidirectional_attention`` on its Gemma for backward compatibility): the mask is what
+            eager and sdpa honour, so Ulysses runs the language model's attention causal.
     """
 
     language_model: str
     module: nn.Module
     row_inputs: tuple[str, ...]
-    image_blocks: bool
+    image_blocks: ImageBlocks | None
+    causal_mask: bool = False
+
+
+@dataclass
+class ImageBlocks:
+    """An outer model's bidirectional blocks: block ids ``[b, seq]`` (``-1``: no block) derived from
+    one per-token input of the whole row; tokens of one block attend to each other both ways.
+
+    Attributes:
+        key: the row input the ids come from (``token_type_ids``, ``mm_token_type_ids``).
+        ids: ``[b, seq]`` input -> ``[b, seq]`` block ids, or ``None`` for a form Ulysses does not
+            rebuild (a batch giving ``key`` is then refused).
+        windowed: a layer's sliding window limits the block too (Gemma 3), or the block is added
+            after the window (PaliGemma) — :attr:`~..parallel.masks.SequenceMetadata.blocks_windowed`.
+    """
+
+    key: str
+    ids: Callable[[Tensor], Tensor] | None
+    windowed: bool
 
 
 def _source(obj: Any) -> str:
@@ -114,10 +151,43 @@ def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
     params = inspect.signature(model.forward).parameters
     if "input_ids" not in params or "position_ids" not in params:
         raise _unsupported(f"{name}.forward takes no input_ids / position_ids; not supported under SP.")
-    outer_src = "\n".join(_source(type(m).forward) for n, m in model.named_modules()
-                          if m is model or (lm_name.startswith(n + ".") and n))
-    image_blocks = "token_type_ids" in params and any(k in outer_src for k in _IMAGE_BLOCK_MASK)
-    return CompositeParts(lm_name, lm, tuple(k for k in ROW_INPUTS if k in params), image_blocks)
+    outer = [m for n, m in model.named_modules() if m is model or (lm_name.startswith(n + ".") and n)]
+    row_inputs = tuple(k for k in ROW_INPUTS if k in params)
+    causal_mask = (any("create_causal_mask(" in _source(type(m).forward) for m in outer)
+                   and any(getattr(m, "is_causal", True) is False for m in lm.modules()))
+    return CompositeParts(lm_name, lm, row_inputs, image_blocks_rule(outer, row_inputs), causal_mask)
+
+
+def image_blocks_rule(outer: list[nn.Module], row_inputs: tuple[str, ...]) -> ImageBlocks | None:
+    """How the modules that run before the language model (``outer``: the composite and its inner
+    ``...Model``) build bidirectional blocks, read from their forward's source.
+
+    Rebuilt: block ids computed by the model module's own ``get_block_sequence_ids_for_mask`` on a row
+    input (Gemma 3: one block per run of image tokens; exact by construction, it is the model's
+    function), and PaliGemma's prefix (``torch.where(token_type_ids == 0, 0, -1)``: one block). Any
+    other use of ``block_sequence_ids`` / ``token_type_ids_mask_function`` gives a rule with no ids,
+    whose batches are refused when they carry its input.
+    """
+    for module in outer:
+        src = _source(type(module).forward)
+        if not any(k in src for k in _IMAGE_BLOCK_MASK):
+            continue
+        home = inspect.getmodule(type(module))
+        function = getattr(home, _BLOCK_FUNCTION, None)
+        call = _BLOCK_FUNCTION_CALL.search(src)
+        if call and call.group(1) in row_inputs and callable(function):
+            return ImageBlocks(call.group(1), function, windowed=_WINDOWED_BLOCKS in _source(home))
+        prefix = _PREFIX_BLOCK.search(src)
+        if prefix and prefix.group(1) in row_inputs:
+            return ImageBlocks(prefix.group(1), _prefix_block, windowed=False)
+        key = next((k for k in row_inputs if k in src), "token_type_ids")
+        return ImageBlocks(key, None, windowed=True)
+    return None
+
+
+def _prefix_block(token_types: Tensor) -> Tensor:
+    """PaliGemma's prefix-LM block: every token of type 0 (image and prompt) in block 0."""
+    return torch.where(token_types == 0, 0, -1)
 
 
 def composite_objective(model: nn.Module) -> str | None:
@@ -136,15 +206,92 @@ def composite_objective(model: nn.Module) -> str | None:
     )
 
 
-def check_row_inputs(parts: CompositeParts, model: nn.Module, full: dict[str, Tensor]) -> None:
-    """Refuse a batch whose full-row inputs ask for a mask Ulysses does not rebuild (yet)."""
-    types = full.get("token_type_ids")
-    if parts.image_blocks and types is not None and bool((types == 1).any()):
-        raise _unsupported(
-            f"{type(model).__name__} lets image tokens attend to each other bidirectionally when given "
-            "token_type_ids that mark images; Ulysses SP does not rebuild that mask yet. Call it without "
-            "token_type_ids (causal attention over image tokens too) or without SP."
+def check_composite_call(parts: CompositeParts | None, model: nn.Module, call: dict[str, Any]) -> None:
+    """Refuse a composite's call without ``input_ids``: its images are merged at their placeholder
+    tokens on the whole row, which ``inputs_embeds`` no longer show."""
+    if parts is not None and call.get("input_ids") is None:
+        raise ValueError(
+            f"{type(model).__name__} under Ulysses SP needs input_ids [batch, seq/sp] (not inputs_embeds): "
+            "the images are merged at their placeholder tokens on the whole row."
         )
+
+
+def full_row_inputs(parts: CompositeParts | None, call: dict[str, Any]) -> list[tuple[str, Tensor]]:
+    """The per-token inputs ``[b, seq/sp]`` of this call that the outer model reads on the whole row
+    (``input_ids`` first, then those of :data:`ROW_INPUTS` given); ``[]`` for a text model.
+
+    The handle gathers them over the SP group in its one metadata all-gather of the forward."""
+    if parts is None:
+        return []
+    return [("input_ids", call["input_ids"])] + [(k, call[k]) for k in parts.row_inputs if call.get(k) is not None]
+
+
+def call_with_full_row(parts: CompositeParts, model: nn.Module, call: dict[str, Any],
+                       row_inputs: list[tuple[str, Tensor]], gathered: Tensor, mask: Tensor | None,
+                       full_mask: Tensor, given: Tensor | None, full_positions: Tensor) -> dict[str, Tensor]:
+    """Put the whole row's inputs into the outer model's ``call`` (in place) and return them.
+
+    Args:
+        row_inputs: what :func:`full_row_inputs` returned (this rank's chunks).
+        gathered: the same inputs gathered over the SP group, ``[len(row_inputs), b, seq]`` (int64).
+        mask: this rank's ``attention_mask`` chunk, or ``None``; ``full_mask``: its gathered row ``[b, seq]``.
+        given: this rank's ``position_ids`` chunk, or ``None``; ``full_positions``: its gathered planes
+            ``[planes, b, seq]``.
+
+    Returns:
+        ``{name: [b, seq]}`` of the gathered row inputs, in their own dtypes.
+    """
+    whole = {key: gathered[i].to(value.dtype) for i, (key, value) in enumerate(row_inputs)}
+    check_row_inputs(parts, model, whole)
+    call.update(whole)
+    if mask is not None:
+        call["attention_mask"] = full_mask.to(mask.dtype)  # get_rope_index skips the padding
+    if given is not None:
+        call["position_ids"] = full_positions if given.dim() == 3 else full_positions[0]
+    return whole
+
+
+def check_row_inputs(parts: CompositeParts, model: nn.Module, full: dict[str, Tensor]) -> None:
+    """Refuse a batch whose full-row inputs ask for a mask Ulysses does not rebuild."""
+    rule = parts.image_blocks
+    if rule is not None and rule.ids is None and full.get(rule.key) is not None:
+        raise _unsupported(
+            f"{type(model).__name__} lets some tokens attend to each other bidirectionally when given {rule.key}, "
+            "in a form Ulysses SP does not rebuild. Call it without "
+            f"{rule.key} (causal attention over image tokens too) or without SP."
+        )
+
+
+def attach_image_blocks(parts: CompositeParts, model: nn.Module, metadata: SequenceMetadata,
+                        full: dict[str, Tensor]) -> None:
+    """Give ``metadata`` the whole row's bidirectional blocks ``[b, seq]``, derived from the gathered
+    row inputs ``full`` as the outer model derives them (nothing when the batch has none)."""
+    rule = parts.image_blocks
+    types = full.get(rule.key) if rule is not None and rule.ids is not None else None
+    if types is None:
+        return
+    blocks = rule.ids(types).long()
+    if not bool((blocks >= 0).any()):
+        return
+    if metadata.doc_ids is not None:
+        raise _unsupported(
+            f"this batch has packed rows (position_ids restarting inside a row) and {rule.key} asking "
+            f"{type(model).__name__} for bidirectional blocks: transformers composes the two differently in its "
+            "full and sliding-window layers, so Ulysses SP does not rebuild that mask. Do not pack these rows, "
+            f"or call the model without {rule.key}."
+        )
+    ends_in_prefix = (types[:, -1] == 0) & (types == 1).any(-1)
+    if rule.ids is _prefix_block and metadata.valid is None and bool(ends_in_prefix.any()):
+        # shard_batch pads a row to a multiple of sp with type 0 and, for rows with position_ids, no
+        # padding mask: such padding would join the prefix block, which every prefix token attends to
+        raise _unsupported(
+            f"this batch has rows ending in {rule.key} 0 after their suffix (1) and no attention_mask: under SP "
+            "these may be the padding added to reach a multiple of sp, which PaliGemma's prefix rule would let "
+            "the prefix attend to. Pass an attention_mask (the padding is then masked), or rows whose length "
+            "divides by sp."
+        )
+    metadata.blocks = blocks
+    metadata.blocks_windowed = rule.windowed
 
 
 def wrap_language_model(parts: CompositeParts, running: Callable[[], ForwardContext | None],
@@ -199,6 +346,8 @@ def wrap_language_model(parts: CompositeParts, running: Callable[[], ForwardCont
         if isinstance(cache, Tensor) and cache.shape[-1] == seq:
             call["cache_position"] = cache.narrow(-1, lo, n)
         _cut_visual_features(call, seq, lo, n, where)
+        if parts.causal_mask:
+            call["is_causal"] = True  # reaches the attention through the layers' **kwargs (CompositeParts)
         with random_stream():
             return next_forward(**call)
 

@@ -19,6 +19,15 @@ position id does not increase by exactly one) and ``k > q - window`` (sliding wi
 empty (a NaN there would poison the backward even though its label is ignored) and so that padding
 is a pattern of its own that the segment path (:mod:`.segments`) runs without any mask; real tokens
 are unaffected because their own diagonal is always allowed and no real query reads a padding key.
+
+Optional **blocks** (``SequenceMetadata.blocks``, ``[batch, seq]``): tokens with the same non-negative
+block id attend to each other regardless of causality — Gemma 3's image tokens (one block per image,
+from ``token_type_ids``), PaliGemma's prefix (one block). Where the block relaxes the rule depends on
+the model (``blocks_windowed``): Gemma 3 ORs it into the causal term *inside* the sliding window and
+the document test (``(causal | block) & window & doc``), PaliGemma ORs it in after them
+(``(causal & window & doc) | block``). Padding stays masked either way. Blocks are expressed by the
+dense mask (sdpa, eager) and the ``mask_mod`` (flex); flash kernels take causality per call, not per
+token pair, so blocks are refused there.
 """
 
 from __future__ import annotations
@@ -56,11 +65,17 @@ class SequenceMetadata:
         position_ids: ``[batch, seq]`` global positions (after the gather, identical on SP ranks).
         valid: ``[batch, seq]`` bool, True for real tokens; ``None`` when there is no padding.
         doc_ids: ``[batch, seq]`` document index; ``None`` when every row is one document.
+        blocks: ``[batch, seq]`` block id per token (``-1``: in no block): tokens of one block attend
+            to each other both ways; ``None`` when there are none. Not carried into :meth:`chunked`.
+        blocks_windowed: the sliding window (and the document test) limits a block too (Gemma 3), or
+            the block is added after them (PaliGemma's prefix).
     """
 
     position_ids: Tensor
     valid: Tensor | None = None
     doc_ids: Tensor | None = None
+    blocks: Tensor | None = None
+    blocks_windowed: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -112,22 +127,30 @@ class SequenceMetadata:
     def is_plain(self, sliding_window: int | None) -> bool:
         """True when the full pattern is plain causal attention (no padding, packing or window)."""
         no_window = sliding_window is None or sliding_window >= self.seq_len
-        return self.valid is None and self.doc_ids is None and no_window
+        return self.valid is None and self.doc_ids is None and self.blocks is None and no_window
 
     # -- the rule, in two forms sharing one definition ---------------------------------------
 
     def mask_mod(self, sliding_window: int | None, causal: bool = True) -> Callable[..., Tensor]:
         """Index-based ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (flex_attention convention)."""
-        doc, valid = self.doc_ids, self.valid
+        doc, valid, blocks, windowed = self.doc_ids, self.valid, self.blocks, self.blocks_windowed
 
         def allowed(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
             ok = (k <= q) if causal else (k >= 0)
+            same_block = None
+            if blocks is not None:
+                block = blocks[b, q]
+                same_block = (block >= 0) & (blocks[b, k] == block)
+                if windowed:
+                    ok = ok | same_block
             if sliding_window is not None:
                 ok = ok & (k > q - sliding_window)
                 if not causal:  # encoders' local attention is two-sided: |q - k| < window
                     ok = ok & (k < q + sliding_window)
             if doc is not None:
                 ok = ok & (doc[b, k] == doc[b, q])
+            if same_block is not None and not windowed:
+                ok = ok | same_block
             if valid is not None:
                 ok = ok & valid[b, k] & valid[b, q]
             return ok | (q == k)
@@ -195,6 +218,13 @@ class SequenceMetadata:
         # only padding and document boundaries need translating.
         if not causal:
             raise ValueError("non-causal attention under SP is supported on sdpa/eager/flex_attention only.")
+        if self.blocks is not None:
+            raise ValueError(
+                "bidirectional blocks (image tokens attending to each other both ways: Gemma 3's / PaliGemma's "
+                "token_type_ids) cannot be expressed for flash attention under SP: its kernels take causality per "
+                "call, not per pair of tokens. Use attn_implementation='flex_attention' (or sdpa), or call the "
+                "model without token_type_ids (causal attention over image tokens too)."
+            )
         if self.valid is not None and self.doc_ids is not None:
             raise ValueError(
                 "padding together with packed documents cannot be expressed for flash attention under SP; "

@@ -17,7 +17,7 @@ dropped). Long pieces run alone on views of the input, so they cost no copy. Not
 tensor that grows with ``s²``; eager still materialises its own ``[pieces, heads, L, L]`` weights
 per piece of length ``L``.
 
-Patterns not covered (non-causal attention, backends other than sdpa/eager) return ``None`` from
+Patterns not covered (non-causal attention, bidirectional blocks, backends other than sdpa/eager) return ``None`` from
 :func:`plan_segments` and keep the dense path of :mod:`.masks`. :func:`dense_masks` forces the dense
 path (the reference the tests and benchmarks compare against), and :func:`attention_paths` says
 which path ran for every (backend, window, causal) of a forward.
@@ -216,8 +216,9 @@ def plan_segments(metadata: "SequenceMetadata", backend: str, sliding_window: in
         own = "block_mask" if backend == "flex_attention" else "kernel"  # flash: varlen / padding mask
         record_path(metadata, backend, sliding_window, causal, own)
         return None
-    if _dense_depth or not causal:
-        # Non-causal (encoder) patterns are not planned here: the dense mask stays exact for them.
+    if _dense_depth or not causal or metadata.blocks is not None:
+        # Non-causal (encoder) patterns and bidirectional blocks (Gemma 3's image tokens) are not
+        # planned here: the dense mask stays exact for them.
         record_path(metadata, backend, sliding_window, causal, "dense")
         return None
     if backend == "sdpa" and metadata.is_plain(sliding_window):
