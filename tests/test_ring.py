@@ -261,6 +261,16 @@ def test_token_index_must_partition_the_sequence() -> None:
                        token_index=[torch.arange(case.seq).flip(0).clamp(max=case.seq - 2)])
 
 
+def test_image_blocks_are_refused_not_skipped() -> None:
+    # a future key block may hold the rest of a query's image: the kernel refuses blocks rather than drop them
+    case = CASES[0]
+    x = case.inputs()
+    meta = case.metadata()
+    meta.blocks = torch.zeros(meta.batch_size, meta.seq_len, dtype=torch.long)
+    with pytest.raises(ValueError, match="bidirectional blocks .* not supported across ring ranks.*ring=1"):
+        ring_attention(x["q"], x["k"], x["v"], group=None, metadata=meta, token_index=[torch.arange(case.seq)])
+
+
 # -- skipped work -----------------------------------------------------------------------------------
 
 STATS_CASES = [

@@ -530,6 +530,13 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, group: ProcessG
                          f"{[tuple(ix.shape) for ix in token_index]}")
     if metadata.batch_size != b:
         raise ValueError(f"metadata has batch {metadata.batch_size}, the query {b}")
+    if getattr(metadata, "blocks", None) is not None:
+        # the skip rule reads causality, windows, documents and padding only: a future key block can
+        # hold the rest of a query's image, so skipping it would silently drop attention
+        raise ValueError(
+            "bidirectional blocks (image tokens attending to each other both ways: Gemma 3's / PaliGemma's "
+            "token_type_ids) are not supported across ring ranks; run this model with ring=1 (an sp its heads "
+            "allow), or call it without token_type_ids (causal attention over image tokens too).")
     everything = torch.cat([ix.detach().cpu() for ix in token_index]).sort().values
     if not torch.equal(everything, torch.arange(metadata.seq_len)):
         raise ValueError(f"token_index blocks must partition range({metadata.seq_len}) (the full sequence of "
