@@ -190,11 +190,14 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int,
     Returns:
         The same keys with every sequence-indexed tensor cut on its sequence axis to
         ``ceil(seq/sp)`` tokens (chunk ``sp_rank`` of the sequence padded to a multiple of ``sp``):
-        ``[b, ceil(seq/sp)]``, ``[3, b, ceil(seq/sp)]``, ``[b, ceil(seq/sp), h]``. When labels are
-        present, ``shift_labels`` (shifted on the full sequence) is added; ``labels`` is kept (its
+        ``[b, ceil(seq/sp)]``, ``[3, b, ceil(seq/sp)]``, ``[b, ceil(seq/sp), h]``; the padding is
+        ``-100`` in labels, 0 in ``input_ids`` and ``attention_mask``, and continues the positions.
+        When labels are present, ``shift_labels`` (shifted on the full sequence, ``-100`` where the
+        predicting position is padding: ``attention_mask == 0``) is added; ``labels`` is kept (its
         chunk) so HF computes the loss. Rows without ``position_ids`` that needed padding get an
-        ``attention_mask`` for it. ``position_ids`` are added only when given (the model's handle
-        derives global ones otherwise). For ``sp_size > 1`` the result is a :class:`ShardedBatch` (a
+        ``attention_mask`` for it. ``position_ids`` are in the output only when given (or implied by
+        ``cu_seq_lens_*``), as ``[b, ...]`` even when given ``[seq]`` or ``[1, seq]``; the model's
+        handle derives global ones otherwise. For ``sp_size > 1`` the result is a :class:`ShardedBatch` (a
         ``dict`` that warns when user code reads ``labels``, this rank's chunk of them).
 
     Raises:
