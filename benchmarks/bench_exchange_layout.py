@@ -47,6 +47,9 @@ def _worker(rank, world, seq, heads, kv, d, repeats):
             _step(q, k, v, dist.group.WORLD, copy)
             if i:  # first round is warm-up
                 times[copy].append(time.perf_counter() - t)
+        if rank == 0:  # progress: a round takes seconds at the default length, the whole run about a minute
+            done = "warm-up" if i == 0 else f"views {times[False][-1]:.3f} s, copies {times[True][-1]:.3f} s"
+            print(f"  round {i}/{repeats} ({done})", file=sys.stderr, flush=True)
     return {c: statistics.median(t) for c, t in times.items()}
 
 
@@ -59,6 +62,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     a = parser.parse_args()
+    print(f"bench_exchange_layout: seq {a.seq}, sp {a.sp}: 1 warm-up + {a.repeats} rounds of (views, copies) on "
+          f"{a.sp} processes", file=sys.stderr, flush=True)
     res = run_distributed(_worker, a.sp, a.seq, a.heads, a.kv_heads, a.head_dim, a.repeats, timeout=1200)[0]
     print(f"\nexchange + sdpa + backward, batch 1, seq {a.seq}, sp {a.sp}, {a.heads}/{a.kv_heads} heads, "
           f"head_dim {a.head_dim}, median of {a.repeats} (rank 0)\n")

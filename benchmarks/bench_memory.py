@@ -48,6 +48,7 @@ import ctypes
 import gc
 import sys
 import time
+from pathlib import Path
 
 import _common
 import torch
@@ -259,6 +260,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=128256, help="default: Llama 3's")
     parser.add_argument("--threads-per-process", type=int, default=1)
+    parser.add_argument("--plot-dir", default=None,
+                        help="also write memory_limits.png here (peak vs seq and sp, limit vs sp; needs the plots extra)")
     args = parser.parse_args()
     if args.search_configs is None:
         args.search_configs = ["plain", "tiled+ckpt-offload"] if args.quick else list(CONFIGS)
@@ -294,8 +297,8 @@ def main() -> None:
     print()
     print(_common.table(["config", "sp", f"peak MiB @ {args.seq}", "step growth MiB", "peak ratio", "step s"], rows))
 
+    found: dict[tuple[str, int], dict] = {}
     if args.search_configs:
-        found = {}
         for config in args.search_configs:
             for sp in args.sp:
                 g = args.granule * sp
@@ -336,6 +339,17 @@ def main() -> None:
         print()
         print(_common.table(["config", "sp", "max seq (measured)", "bracket [fits, fails)", "ratio vs plain DDP",
                              "KiB / token (fit)", "linear est. max seq", "est. ratio vs plain DDP", "probes"], rows))
+    if args.plot_dir:
+        import plots
+
+        points = {key: [(args.seq, r["peak"])] for key, r in fixed.items()}
+        for key, res in found.items():
+            points.setdefault(key, []).extend(res["points"])
+        path = plots.memory_limits(points, {key: res["lo"] for key, res in found.items()}, budget,
+                                   Path(args.plot_dir) / "memory_limits.png",
+                                   title=f"bench_memory: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; "
+                                         f"{args.device}")
+        print(f"plot: {path}")
     if args.device == "cpu":
         print()
         print("CPU: offload=True has nothing to offload to (host = device), so ckpt-offload rows show activation "

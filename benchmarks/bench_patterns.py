@@ -152,7 +152,9 @@ def _subprocess(spec: dict, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def attention_case(spec: dict, memory: bool) -> dict:
+def attention_case(spec: dict, memory: bool, in_process: bool = False) -> dict:
+    if in_process:  # --in-process: quick checks and plots; no fresh process, so no peak memory
+        return {**_attention_worker(spec), "peak_mib": float("nan")}
     timed = _subprocess(spec, dict(os.environ))
     if memory:
         timed["peak_mib"] = _subprocess(spec, {**os.environ, **MMAP_ENV})["peak_mib"]
@@ -257,7 +259,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--docs", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--pad", type=float, default=0.25)
-    parser.add_argument("--window", type=int, nargs="+", default=[4096], help="windows, each at the longest --seq")
+    parser.add_argument("--window", type=int, nargs="*", default=[4096],
+                        help="windows, each at the longest --seq (none: no window row)")
     parser.add_argument("--heads", type=int, default=4, help="query heads on one rank after the exchange")
     parser.add_argument("--kv-heads", type=int, default=1)
     parser.add_argument("--head-dim", type=int, default=32)
@@ -273,6 +276,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--no-step", action="store_true")
     parser.add_argument("--no-attention", action="store_true")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the attention cases in this process (fast, for a quick look or the plot; no peak "
+                             "memory: the table's memory columns read nan)")
+    parser.add_argument("--plot-dir", default=None,
+                        help="also write packed_vs_dense.png here (attention per pattern; needs the plots extra)")
     args = parser.parse_args()
     if args._worker:
         print(json.dumps(_attention_worker(json.loads(args._worker))))
@@ -286,18 +294,19 @@ def main() -> None:
         patterns += [(s, "left-pad", args.pad) for s in args.seq]
         patterns += [(max(args.seq), "window", w) for w in args.window]
         rows = []
+        plotted = []
         causal_by_seq: dict[int, dict] = {}
         for seq, kind, arg in patterns:
             base = dict(seq=seq, kind=kind, arg=arg, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         backend=args.backend, repeats=args.repeats)
-            seg = attention_case(dict(base, path="segments"), memory=True)
+            seg = attention_case(dict(base, path="segments"), memory=True, in_process=args.in_process)
             if seq not in causal_by_seq:  # the same for every pattern of this length
-                causal_by_seq[seq] = attention_case(dict(base, path="causal"), memory=True)
+                causal_by_seq[seq] = attention_case(dict(base, path="causal"), memory=True, in_process=args.in_process)
             causal = causal_by_seq[seq]
             dense = None
             if seq <= args.dense_max_seq or kind == "window":
                 try:
-                    dense = attention_case(dict(base, path="dense"), memory=False)
+                    dense = attention_case(dict(base, path="dense"), memory=False, in_process=args.in_process)
                 except RuntimeError as exc:  # e.g. killed for memory: report the rest of the table
                     print(f"dense path failed at seq {seq}: {str(exc)[-300:]}", flush=True)
             rows.append([seq, pattern_name(kind, arg), seg["path"], f"{seg['time_s']:.2f}",
@@ -305,7 +314,16 @@ def main() -> None:
                          f"{seg['time_s'] / dense['time_s']:.2f}" if dense else "–",
                          f"{seg['peak_mib']:.0f}", f"{causal['peak_mib']:.0f}",
                          f"{seg['peak_mib'] / causal['peak_mib']:.2f}"])
+            plotted.append((f"{seq}, {pattern_name(kind, arg)}", seg["time_s"], dense["time_s"] if dense else None,
+                            causal["time_s"]))
             print(rows[-1], flush=True)
+        if args.plot_dir:
+            import plots
+
+            path = plots.packed_vs_dense(plotted, Path(args.plot_dir) / "packed_vs_dense.png",
+                                         title=f"bench_patterns: one rank after the exchange, {args.heads}/{args.kv_heads} "
+                                               f"heads, head dim {args.head_dim}, {args.backend}")
+            print(f"plot: {path}", flush=True)
         print(f"\nattention per rank ({args.backend}, {args.heads} query / {args.kv_heads} KV heads, head dim "
               f"{args.head_dim}, forward + backward, best of {args.repeats}):\n")
         print(_common.table(["seq", "pattern", "path", "segments s", "dense mask s", "plain causal s",

@@ -37,6 +37,7 @@ import io
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import _common
 import torch
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--overlap-chunks", type=int, default=1,
                         help="also time apply_ulysses(overlap_chunks=N) (head groups whose exchanges overlap "
                              "attention) in the same run; 1: skip")
+    parser.add_argument("--plot-dir", default=None,
+                        help="also write step_time.png here (step time vs sp; needs the plots extra)")
     args = parser.parse_args()
 
     cfg = _common.model_config(args)
@@ -236,6 +239,14 @@ def main() -> None:
     if over:
         print(f"note: sp {over} x {threads} thread(s) > {cores} cores: those processes time-share the cores, so "
               "their rows measure oversubscription, not SP scaling (the DeepSpeed ratio stays a fair comparison).")
+    if args.plot_dir:
+        import plots
+
+        timed = [(seq, sp, _common.median(res[(seq, sp)]["ours"])) for seq in args.seq for sp in args.sp]
+        path = plots.step_times(timed, Path(args.plot_dir) / "step_time.png",
+                                title=f"bench_step: Llama hidden {args.hidden}, {args.layers} layers, "
+                                      f"{args.heads}/{args.kv_heads} heads; {cores} cores")
+        print(f"plot: {path}")
     print(f"total runtime {time.perf_counter() - t_start:.0f} s")
 
 

@@ -1,10 +1,14 @@
 """Train a causal LM with Ulysses sequence parallelism from a LightningCLI YAML config.
 
+    pip install -e ".[cli]"   # LightningCLI needs jsonargparse (the library itself does not)
     python examples/train.py fit --config examples/configs/cpu_tiny.yaml
 
 The default config needs no download: a small Llama built from a config, trained on a real local
 text corpus (Python's own standard-library sources unless ``--data.paths`` names other files),
-tokenised on the fly into bytes and packed into long sequences. It prints loss and tokens/s.
+tokenised on the fly into bytes and packed into long sequences. Lightning's progress bar shows the
+training loss (the last step's, and ``loss_avg``: the mean of the last 10 steps), the validation loss
+and perplexity, and tokens/s (``train/items_per_sec`` of ``UlyssesThroughputMonitor``: every token of
+the job, counted once although each SP rank holds ``seq/sp`` of a sequence).
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
-import time
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.aggregation import RunningMean
+from torchmetrics.text import Perplexity
 
 import lightning_ulysses  # noqa: F401  (registers the "ulysses" strategy names)
+from lightning_ulysses import sp_shift_labels
 
 BOS, EOS, VOCAB = 256, 257, 258
 
@@ -52,6 +58,16 @@ class PackedText(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.data[i]
         return {"input_ids": ids, "labels": ids}
+
+
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a batch (``UlyssesThroughputMonitor``'s ``batch_size_fn``)."""
+    return batch["input_ids"].shape[0]
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens this rank holds (``length_fn``: under SP its chunk; the monitor counts the job's tokens)."""
+    return batch["input_ids"].numel()
 
 
 def default_corpus() -> list[str]:
@@ -107,6 +123,11 @@ class CausalLM(pl.LightningModule):
 
     The optimizer is configured here only: the CLI adds no ``--optimizer``/``--lr_scheduler``
     (``auto_configure_optimizers=False``), so there is one way to set it.
+
+    Under SP each rank's batch holds its chunk ``[b, seq/sp]`` of every sequence. ``out.loss`` is
+    already the whole sequence's token mean; the perplexity metric is fed this rank's logits with
+    ``sp_shift_labels(batch)`` (= ``batch["shift_labels"]``: targets shifted on the *full* sequence).
+    Shifting ``batch["labels"]`` here would drop the target of every chunk's last position.
     """
 
     def __init__(self, model_type: str = "llama", config: dict[str, Any] | None = None,
@@ -115,6 +136,10 @@ class CausalLM(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
+        # the loss is the same on every rank once averaged over DP, so no sync at compute
+        self.loss_avg = RunningMean(window=10, sync_on_compute=False)
+        # sums NLL and token counts over every rank at compute: each token counted once, as without SP
+        self.val_ppl = Perplexity(ignore_index=-100)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -124,16 +149,24 @@ class CausalLM(pl.LightningModule):
         cfg = AutoConfig.for_model(self.hparams.model_type, vocab_size=VOCAB, **(self.hparams.config or {}))
         self.model = AutoModelForCausalLM.from_config(cfg, attn_implementation=self.hparams.attn_implementation)
         if self.hparams.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # newer transformers name it activation checkpointing (gradient_checkpointing_* warn as deprecated)
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(**batch)
-        self.log("train_loss", out.loss, sync_dist=True, prog_bar=True)
+        out = self.model(**batch)  # out.loss: the whole sequence's token mean, the same on every SP rank
+        self.log("train_loss", out.loss, sync_dist=True, prog_bar=True)  # this step's, mean over DP replicas
+        self.loss_avg.update(self.trainer.strategy.reduce(out.loss.detach(), reduce_op="mean"))
+        self.log("loss_avg", self.loss_avg.compute(), prog_bar=True, logger=False)
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model(**batch)
         self.log("val_loss", out.loss, sync_dist=True, prog_bar=True)
+        self.val_ppl.update(out.logits, sp_shift_labels(batch))
+        self.log("val_ppl", self.val_ppl, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -144,37 +177,6 @@ class CausalLM(pl.LightningModule):
         warm = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class PrintProgress(pl.Callback):
-    """Print loss and tokens/s every ``every`` steps on rank 0 (tokens of the full sequences).
-
-    Args:
-        every: print every this many optimizer steps.
-    """
-
-    def __init__(self, every: int = 5) -> None:
-        self.every = every
-        self._t0 = 0.0
-        self._tokens = 0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self._t0 == 0.0:
-            self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        strategy = trainer.strategy
-        sp = getattr(strategy, "sp_size", 1)
-        dp = trainer.world_size // sp
-        # each rank holds seq/sp tokens of a sample; dp replicas process distinct samples
-        self._tokens += batch["input_ids"].numel() * sp * dp
-        step = trainer.global_step
-        if trainer.is_global_zero and step % self.every == 0:
-            elapsed = time.perf_counter() - self._t0
-            loss = trainer.callback_metrics.get("train_loss", torch.tensor(float("nan"))).item()
-            print(f"step {step:4d}  loss {loss:.4f}  tokens/s {self._tokens / max(elapsed, 1e-9):,.0f}  "
-                  f"(sp={sp}, dp={dp}, seq={batch['input_ids'].shape[1] * sp})", flush=True)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import BOS, EOS, VOCAB as TEXT_VOCAB, PackedText, PrintProgress, default_corpus  # noqa: E402
+from train import BOS, EOS, VOCAB as TEXT_VOCAB, PackedText, default_corpus  # noqa: E402
 
 # Qwen2-VL's special tokens, after the byte vocabulary of train.py
 IMAGE, VIDEO, VISION_START, VISION_END = TEXT_VOCAB, TEXT_VOCAB + 1, TEXT_VOCAB + 2, TEXT_VOCAB + 3
@@ -32,7 +32,7 @@ MERGE = 2
 PER_TOKEN = ("input_ids", "labels", "mm_token_type_ids")
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
-__all__ = ["ImageTextData", "PrintProgress", "VisionLanguageLM", "collate"]
+__all__ = ["ImageTextData", "VisionLanguageLM", "collate"]
 
 
 class ImageText(Dataset):

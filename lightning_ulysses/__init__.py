@@ -7,7 +7,7 @@ The package is layered along the data path, one subpackage per layer (each says 
 """
 
 from .lightning.callbacks import TiledLossCallback
-from .lightning.data import shard_batch
+from .lightning.data import ShardedBatch, SPLabelsWarning, shard_batch
 from .lightning.metrics import PositionalLoss, PositionalLossCallback
 from .lightning.packing import PackedDataset, PackingCollator, pack_documents
 from .lightning.strategies import UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
@@ -44,6 +44,8 @@ __all__ = [
     "heads_from_sequence",
     "sequence_from_heads",
     "shard_batch",
+    "ShardedBatch",
+    "SPLabelsWarning",
     "sum_over_group",
     "current_sp_group",
     "is_sp_reduced",

@@ -13,12 +13,14 @@ from tests.distributed import _DIST_ENV, free_port
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--trainer.devices=2", "--trainer.max_steps=2", "--data.seq_len=64", "--data.train_rows=4",
          "--data.val_rows=0", "--model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
-         "num_attention_heads: 4, num_key_value_heads: 2}", "--trainer.callbacks.init_args.every=1"]
+         "num_attention_heads: 4, num_key_value_heads: 2}", "--trainer.callbacks.init_args.window_size=2",
+         "--trainer.log_every_n_steps=1"]
 
 
 def _run(*args: str, script: str = "examples/train.py") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["MASTER_PORT"] = str(free_port())
+    env["COLUMNS"] = "200"  # the progress bar's width: its metrics on one line, none cut short
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -27,27 +29,47 @@ def test_cli_fit_from_yaml_through_script_launcher():
     res = _run("fit", "--config", "examples/configs/cpu_tiny.yaml", "--trainer.strategy.init_args.sp=2",
                "--trainer.strategy.init_args.overlap_chunks=2", *SMALL)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "Starting with 2 processes" in res.stdout + res.stderr  # the script launcher started a second one
-    assert "step    2  loss" in res.stdout and "(sp=2, dp=1, seq=64)" in res.stdout
+    out = res.stdout + res.stderr
+    assert "Starting with 2 processes" in out  # the script launcher started a second one
+    # Lightning's progress bar: this step's loss, its running mean, and the job's tokens/s from the monitor
+    assert "train_loss" in out and "loss_avg" in out and "train/items_per_sec" in out, out[-3000:]
+    assert "PrintProgress" not in out and "no training rate will be logged" not in out
+
+
+def test_quick_start_shows_throughput_within_its_run():
+    """The quick start's monitor window fits its run: the first rates come before its last step."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "examples" / "configs" / "cpu_tiny.yaml").read_text())
+    monitor = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("UlyssesThroughputMonitor"))
+    window, every = monitor["init_args"]["window_size"], cfg["trainer"]["log_every_n_steps"]
+    first_log = -(-window // every) * every  # the first logging step with a full window
+    assert first_log <= cfg["trainer"]["max_steps"] // 2, (window, every)
+    assert monitor["init_args"]["prog_bar"] and cfg["trainer"].get("enable_progress_bar", True)
 
 
 def test_cli_strategy_by_registered_name():
     res = _run("fit", "--config", "examples/configs/cpu_tiny.yaml", "--trainer.strategy=ulysses_sp2", *SMALL)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "(sp=2, dp=1, seq=64)" in res.stdout
+    assert "train_loss" in res.stdout + res.stderr
 
 
-def test_vlm_example_trains_with_images():
+def test_vlm_example_trains_with_images(tmp_path):
     """The Qwen2-VL example (text rows with synthetic images, some rows and batches without) for a few
-    steps on 2 processes, sp=2, with validation; the loss goes down."""
+    steps on 2 processes, sp=2, with validation; the loss it logs goes down."""
+    import csv
+
     res = _run("fit", "--config", "examples/configs/qwen2_vl_tiny.yaml", "--trainer.devices=2",
                "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--data.seq_len=256",
-               "--data.train_rows=8", "--data.val_rows=2", "--trainer.callbacks.init_args.every=1",
-               script="examples/train_vlm.py")
+               "--data.train_rows=8", "--data.val_rows=2", "--trainer.log_every_n_steps=1",
+               "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", script="examples/train_vlm.py")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    losses = [float(line.split("loss")[1].split()[0]) for line in res.stdout.splitlines() if line.startswith("step")]
-    assert len(losses) == 3 and losses[-1] < losses[0], res.stdout
-    assert "(sp=2, dp=1, seq=256)" in res.stdout
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert len(losses) == 3 and losses[-1] < losses[0], rows
+    assert any(r.get("val_loss") for r in rows), rows
 
 
 def test_cli_help_shows_strategy_arguments_not_ddp_internals():
@@ -97,7 +119,7 @@ def test_every_strategy_and_example_argument_is_documented():
     spec.loader.exec_module(example)
     for cls in (UlyssesStrategy, UlyssesFSDPStrategy, UlyssesFabricStrategy, UlyssesFSDPFabricStrategy, TiledLossCallback, PositionalLossCallback,
                 UlyssesThroughputMonitor,
-                example.CausalLM, example.TextData, example.PrintProgress):
+                example.CausalLM, example.TextData):
         assert _undocumented(cls) == [], cls.__name__
     path = list(sys.path)
     try:  # train_vlm puts its folder on sys.path to import train's tokenizer and callback

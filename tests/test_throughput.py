@@ -98,3 +98,31 @@ def _stock(rank, world):
 
 def test_stock_throughput_monitor_is_refused_under_sp():
     run_distributed(_stock, 4)
+
+
+class BarLM(LM):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.bar = dict(self.trainer.progress_bar_metrics)
+
+
+def _progress_bar(rank, world, window):
+    import warnings
+
+    monitor = UlyssesThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
+                                       length_fn=lambda b: b["input_ids"].numel(), window_size=window, prog_bar=True)
+    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=2), max_steps=4, callbacks=[monitor], log_every_n_steps=2,
+                         **trainer_kwargs(devices=2))
+    lm = BarLM()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(lm, train_dataloaders=loader(Samples(8, SEQ)))
+    short = [str(w.message) for w in seen if "no training rate will be logged" in str(w.message)]
+    return lm.bar, short
+
+
+def test_throughput_in_the_progress_bar_and_a_window_longer_than_the_run_is_named():
+    bar, short = run_distributed(_progress_bar, 2, 2)[0]
+    # rank 0 shows the job's tokens/s under the name it logs
+    assert bar["train/items_per_sec"] > 0 and short == []
+    bar, short = run_distributed(_progress_bar, 2, 10)[0]  # 10 updates needed, 4 steps run
+    assert "train/items_per_sec" not in bar and len(short) == 1 and "window_size=10" in short[0]

@@ -77,6 +77,21 @@ def _checkpointed(forward: Callable, offload: bool) -> Callable:
     return run
 
 
+def _hf_name(model: nn.Module, what: str) -> str:
+    """transformers' name for its checkpointing switch: ``activation_checkpointing_*`` where the class has
+    it (newer releases; ``gradient_checkpointing_*`` are deprecated aliases that warn with a FutureWarning
+    on every call), else ``gradient_checkpointing_*`` (the minimum supported transformers)."""
+    new = {"enable": "activation_checkpointing_enable", "disable": "activation_checkpointing_disable",
+           "enabled": "is_activation_checkpointing"}[what]
+    return new if hasattr(type(model), new) else new.replace("activation", "gradient")
+
+
+def hf_checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether transformers' own activation (gradient) checkpointing is on, without a deprecated call."""
+    # hasattr on the class: the property is read only through the name the release does not deprecate
+    return bool(getattr(model, _hf_name(model, "enabled"), False))
+
+
 def checkpoint_decoder_layers(model: nn.Module, offload: bool = False) -> CheckpointHandle:
     """Checkpoint every decoder layer of ``model`` (non-reentrant); ``remove()`` undoes it.
 
@@ -85,10 +100,10 @@ def checkpoint_decoder_layers(model: nn.Module, offload: bool = False) -> Checkp
         offload: keep each layer's input ``[batch, seq, hidden]`` in host memory between forward
             and backward.
     """
-    if getattr(model, "is_gradient_checkpointing", False):
+    if hf_checkpointing_enabled(model):
         raise ValueError(
-            "the model already has HF gradient checkpointing enabled; disable it "
-            "(model.gradient_checkpointing_disable()) or do not ask the strategy for activation checkpointing."
+            "the model already has HF activation checkpointing enabled; disable it "
+            f"(model.{_hf_name(model, 'disable')}()) or do not ask the strategy for activation checkpointing."
         )
     handle = CheckpointHandle()
     for layer in decoder_layers(model):

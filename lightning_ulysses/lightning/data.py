@@ -22,6 +22,8 @@ ignored: such a query has no real token to attend to, and its value depends on t
 from __future__ import annotations
 
 import hashlib
+import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,59 @@ PACKED_ROW_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length
 # Inputs with no sequence axis, passed whole to every SP rank: images and videos and their layout.
 _WHOLE_PREFIXES = ("pixel_", "image_", "video_", "vision_", "audio_", "input_features")
 _WHOLE_SUFFIXES = ("_grid_thw", "_sizes", "_per_grid_ts")
+
+
+class SPLabelsWarning(UserWarning):
+    """User code read ``labels`` from a batch sharded over the SP group (see :class:`ShardedBatch`)."""
+
+
+_LABELS_MESSAGE = (
+    "batch['labels'] under sequence parallelism is this rank's chunk [batch, seq/sp] of the labels. Passing it "
+    "to the model (labels=...) is exact, but shifting it here (labels[:, 1:], e.g. for a torchmetrics metric or "
+    "a loss of your own) silently drops the target of the last position of every chunk. Use "
+    "batch['shift_labels'] (this rank's targets, shifted on the full sequence) or "
+    "lightning_ulysses.sp_shift_labels(batch). Shown once per line of code; silence it with "
+    "warnings.filterwarnings('ignore', category=lightning_ulysses.SPLabelsWarning)."
+)
+
+
+def _warn_if_user_reads_labels(key: Any) -> None:
+    if key != "labels":
+        return
+    # frame 0: this function, 1: the ShardedBatch method, 2: its caller
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller == "lightning_ulysses" or caller.startswith("lightning_ulysses."):
+        return  # the strategies, the handle and sp_shift_labels read labels on purpose
+    warnings.warn(_LABELS_MESSAGE, SPLabelsWarning, stacklevel=3)
+
+
+class ShardedBatch(dict):
+    """This SP rank's chunk of a batch: a plain ``dict`` of ``[b, seq/sp]`` tensors (see :func:`shard_batch`),
+    except that reading ``labels`` (``batch["labels"]``, ``.get``, ``.pop``) from code outside
+    lightning_ulysses warns (:class:`SPLabelsWarning`, once per line of code with Python's default
+    filter): those are local labels, and a shift of them loses a target at every chunk edge.
+
+    ``model(**batch)``, ``batch.items()``, iteration and copies do not warn (``**`` unpacking of a dict
+    subclass reads its storage directly), nor does any ``lightning_ulysses`` code (the caller's module
+    is checked, one frame lookup, only for the ``labels`` key).
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        _warn_if_user_reads_labels(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        _warn_if_user_reads_labels(key)
+        return super().get(key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        _warn_if_user_reads_labels(key)
+        return super().pop(key, *default)
+
+    def copy(self) -> ShardedBatch:
+        return ShardedBatch(self)
 
 
 def _is_whole_input(key: str) -> bool:
@@ -135,11 +190,15 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int,
     Returns:
         The same keys with every sequence-indexed tensor cut on its sequence axis to
         ``ceil(seq/sp)`` tokens (chunk ``sp_rank`` of the sequence padded to a multiple of ``sp``):
-        ``[b, ceil(seq/sp)]``, ``[3, b, ceil(seq/sp)]``, ``[b, ceil(seq/sp), h]``. When labels are
-        present, ``shift_labels`` (shifted on the full sequence) is added; ``labels`` is kept (its
+        ``[b, ceil(seq/sp)]``, ``[3, b, ceil(seq/sp)]``, ``[b, ceil(seq/sp), h]``; the padding is
+        ``-100`` in labels, 0 in ``input_ids`` and ``attention_mask``, and continues the positions.
+        When labels are present, ``shift_labels`` (shifted on the full sequence, ``-100`` where the
+        predicting position is padding: ``attention_mask == 0``) is added; ``labels`` is kept (its
         chunk) so HF computes the loss. Rows without ``position_ids`` that needed padding get an
-        ``attention_mask`` for it. ``position_ids`` are added only when given (the model's handle
-        derives global ones otherwise).
+        ``attention_mask`` for it. ``position_ids`` are in the output only when given (or implied by
+        ``cu_seq_lens_*``), as ``[b, ...]`` even when given ``[seq]`` or ``[1, seq]``; the model's
+        handle derives global ones otherwise. For ``sp_size > 1`` the result is a :class:`ShardedBatch` (a
+        ``dict`` that warns when user code reads ``labels``, this rank's chunk of them).
 
     Raises:
         ValueError: a tensor whose sequence axis cannot be told (naming the key and the fix), or
@@ -183,7 +242,7 @@ def shard_batch(batch: Mapping[str, Any], sp_rank: int, sp_size: int,
             value = _pad_seq(value, pad, fill.get(key, 0), axis)
         # contiguous: models .view() their labels and ids, and a slice of a [b > 1, seq] row is not
         out[key] = value.narrow(axis, lo, chunk).contiguous()
-    return out
+    return ShardedBatch(out) if sp_size > 1 else out
 
 
 FINGERPRINT_KEY = "_ulysses_fingerprint"

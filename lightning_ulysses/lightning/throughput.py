@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -73,8 +74,14 @@ class UlyssesThroughputMonitor(pl.Callback):
             logs no item rates.
         available_flops: peak FLOP/s of one device for ``device/mfu``; default: Lightning's table for
             the device and the trainer's precision (``None`` on CPUs).
-        window_size: updates in the rolling average (at least 2).
+        window_size: updates in the rolling average (at least 2). Rates exist only once the window is
+            full: the first training rates are logged at the first logging step at or after
+            ``window_size`` batches (a warning says so at the start of a ``fit`` whose ``max_steps`` is
+            shorter). Lightning's default of 100 suits long runs; a short run wants e.g. 5.
         separator: between the stage, ``device`` and the metric name.
+        prog_bar: also show the training rates named here (without the ``train/`` prefix, e.g.
+            ``["items_per_sec"]``; ``True``: ``items_per_sec``, or ``samples_per_sec`` without
+            ``length_fn``) in the progress bar, under their logged names, at every logging step.
 
     A LightningModule attribute ``flops_per_batch`` is read as the FLOPs of one full-length batch as
     measured without SP (``measure_flops`` on the unsharded model and batch): each DP group spends that
@@ -82,9 +89,13 @@ class UlyssesThroughputMonitor(pl.Callback):
     """
 
     def __init__(self, batch_size_fn: Callable[[Any], int], length_fn: Callable[[Any], int] | None = None,
-                 available_flops: float | None = None, window_size: int = 100, separator: str = "/") -> None:
+                 available_flops: float | None = None, window_size: int = 100, separator: str = "/",
+                 prog_bar: bool | Sequence[str] = False) -> None:
         if window_size < 2:
             raise ValueError(f"window_size must be at least 2 (a rate needs two updates), got {window_size}.")
+        if prog_bar is True:
+            prog_bar = ["items_per_sec" if length_fn is not None else "samples_per_sec"]
+        self.prog_bar = list(prog_bar or [])
         self.batch_size_fn = batch_size_fn
         self.length_fn = length_fn
         self.available_flops = available_flops
@@ -149,15 +160,31 @@ class UlyssesThroughputMonitor(pl.Callback):
         stage = trainer.state.stage
         return {f"{stage.value}{sep}{k}": v for k, v in out.items()}
 
-    def _log(self, trainer: pl.Trainer, step: int) -> None:
+    def _log(self, trainer: pl.Trainer, step: int, pl_module: pl.LightningModule | None = None) -> None:
         metrics = self.compute(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        if pl_module is not None:
+            stage = trainer.state.stage.value
+            for name in self.prog_bar:
+                key = f"{stage}{self.separator}{name}"
+                if key in metrics:  # rank 0 alone counts: rank_zero_only tells Lightning not to expect peers
+                    pl_module.log(key, metrics[key], prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                                  rank_zero_only=True, batch_size=1)
+
+    def _warn_short_window(self, trainer: pl.Trainer) -> None:
+        batches = trainer.max_steps * trainer.accumulate_grad_batches
+        if 0 < batches < self.window_size:
+            rank_zero_warn(f"UlyssesThroughputMonitor(window_size={self.window_size}) needs {self.window_size} "
+                           f"training batches before its first rate, and this fit stops after {batches} "
+                           f"(max_steps={trainer.max_steps}): no training rate will be logged. Pass a smaller "
+                           "window_size (e.g. 5) for a short run.")
 
     # -- hooks (rank 0 counts and logs, as ThroughputMonitor does) ----------------------------
 
     @rank_zero_only
     def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self._warn_short_window(trainer)
         self._start(trainer)
 
     @rank_zero_only
@@ -166,7 +193,7 @@ class UlyssesThroughputMonitor(pl.Callback):
         self._update(trainer, pl_module, batch)
         steps = trainer.fit_loop.total_batch_idx + 1
         if steps % trainer.accumulate_grad_batches == 0 and trainer.global_step % trainer.log_every_n_steps == 0:
-            self._log(trainer, trainer.global_step)
+            self._log(trainer, trainer.global_step, pl_module)
 
     @rank_zero_only
     def on_validation_start(self, trainer: pl.Trainer, *_: Any) -> None:

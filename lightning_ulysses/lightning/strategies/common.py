@@ -278,7 +278,7 @@ class UlyssesMixin:
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         if isinstance(batch, dict) and FINGERPRINT_KEY in batch:
-            batch = dict(batch)
+            batch = copy.copy(batch)  # keeps a ShardedBatch one (it warns when user code reads labels)
             self._check_same_batch(batch.pop(FINGERPRINT_KEY))
         return super().batch_to_device(batch, device, dataloader_idx)
 

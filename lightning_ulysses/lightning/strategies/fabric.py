@@ -54,7 +54,7 @@ class _CheckedLoader:
     def __iter__(self) -> Iterator[Any]:
         for batch in self._ulysses_loader:
             if isinstance(batch, dict) and FINGERPRINT_KEY in batch:
-                batch = dict(batch)
+                batch = batch.copy()  # a ShardedBatch stays one (it warns when user code reads labels)
                 self._ulysses_check(batch.pop(FINGERPRINT_KEY))
             yield batch
 
