@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -306,6 +307,36 @@ def test_a_file_and_a_folder_replace_each_other_leaving_nothing_behind(tmp_path)
     _seal(dest, lambda p: torch.save({"step": 3}, p), step=3)
     assert check_checkpoint(dest)["global_step"] == 3 and checkpoint_io.load_trusted(dest) == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", sidecar_path(dest).name]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the one-step exchange is Linux's renameat2")
+def test_a_folder_replaces_the_old_one_in_one_step(tmp_path, monkeypatch):
+    # the old checkpoint is never moved out of the way first: there is no moment without a checkpoint
+    dest = tmp_path / "last.ckpt"
+    _seal(dest, _folder({"step": 1}), step=1)
+    renamed = []
+    real_rename, real_remove = os.rename, checkpoint_io._remove
+    monkeypatch.setattr(os, "rename", lambda a, b: (renamed.append((a, b)), real_rename(a, b)))
+
+    def remove(path):
+        if path == checkpoint_io.staging_path(dest) and path.exists():
+            raise KeyboardInterrupt  # killed right after the exchange, the old copy not yet dropped
+        real_remove(path)
+
+    monkeypatch.setattr(checkpoint_io, "_remove", remove)
+    with pytest.raises(KeyboardInterrupt):
+        _seal(dest, _folder({"step": 2}), step=2)
+    assert renamed == [] and check_checkpoint(dest)["global_step"] == 2
+    assert check_checkpoint(checkpoint_io.staging_path(dest))["global_step"] == 1  # the old one, swapped out
+
+
+def test_without_an_exchange_the_old_folder_is_moved_aside(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_io, "_exchange", lambda a, b: False)
+    dest = tmp_path / "last.ckpt"
+    _seal(dest, _folder({"step": 1}), step=1)
+    _seal(dest, _folder({"step": 2}), step=2)
+    assert check_checkpoint(dest)["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_a_damaged_marker_is_refused(tmp_path):

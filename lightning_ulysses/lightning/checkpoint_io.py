@@ -2,7 +2,9 @@
 
 Writing (:func:`write_atomically`): the checkpoint goes to a hidden sibling (``.NAME.ulysses-tmp``), is
 fsynced, and only then renamed over the destination, so a crash at any point leaves the previous
-checkpoint in place. A completion marker records the global step and every file with its size:
+checkpoint in place. A folder (or a file and a folder) is swapped with the old one in a single atomic
+exchange where the OS has one (Linux ``renameat2``); elsewhere the old one is moved aside first, and a
+crash between those two renames leaves no checkpoint under the name (the load error names both). A completion marker records the global step and every file with its size:
 
 * a folder (DCP shards, ``.metadata``, ``meta.pt``) carries ``.ulysses_complete.json`` inside, written
   after every other file and before the rename, so the folder and its marker appear together;
@@ -131,7 +133,13 @@ def commit(staged: Path, dest: Path, global_step: int | None) -> None:
 
 def _swap(staged: Path, dest: Path) -> None:
     if dest.exists() and (dest.is_dir() or staged.is_dir()):
+        if _exchange(staged, dest):
+            # one step: dest held the old checkpoint and now holds the new one, never nothing
+            _fsync(dest.parent)
+            _remove(staged)  # the old checkpoint, now under the staging name
+            return
         # A folder cannot be renamed over another one: move the old one aside first, drop it last.
+        # A crash between the two renames leaves no dest (its error names what remains).
         aside = _aside_path(dest)
         _remove(aside)
         os.rename(dest, aside)
@@ -141,6 +149,33 @@ def _swap(staged: Path, dest: Path) -> None:
     else:
         os.replace(staged, dest)
         _fsync(dest.parent)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False``
+    where the platform or file system has no such call, for the caller to fall back.
+
+    Written with ctypes because Python's ``os`` exposes no exchange (``os.replace`` cannot put a
+    folder over a non-empty one)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # no exchange here: fall back
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
 
 
 def remove_marker(path: str | Path) -> None:
