@@ -36,7 +36,7 @@ from ..parallel.attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
 from .multimodal import CompositeParts, composite_objective, composite_parts
-from .whole_sequence import is_position_module, reads_cache_length
+from .whole_sequence import cache_argument, is_position_module, reads_cache_length
 
 
 class UnsupportedModelError(ValueError):
@@ -494,6 +494,11 @@ def _whole_sequence_modules(model: nn.Module, plan: ModelPlan) -> None:
         if name in attention:
             src = _forward_source(module)
             if reads_cache_length(src):
+                if cache_argument(module) is None:
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__}: attention module {name!r} ({type(module).__name__}) numbers its "
+                        "tokens from a cache length but takes no cache argument (cache / past_key_values) through "
+                        "which SP could give each chunk its offset; not supported.")
                 plan.offset_modules.append(name)
             elif _LOCAL_NUMBERING.search(src):
                 raise UnsupportedModelError(

@@ -51,7 +51,7 @@ from .multimodal import (attach_image_blocks, call_with_full_row, check_composit
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
 from .preflight import check_backend_available, check_backend_trains
-from .whole_sequence import apply_whole_sequence
+from .whole_sequence import CACHE_ARGUMENTS, apply_whole_sequence
 
 IGNORE_INDEX = -100
 PackedDocuments = Literal["refuse", "split"]
@@ -305,7 +305,7 @@ class UlyssesHandle:
             raise ValueError("Ulysses SP needs input_ids or inputs_embeds of shape [batch, seq/sp].")
         composite = self.plan.composite
         check_composite_call(composite, self.model, call)
-        if call.get("past_key_values") is not None:
+        if any(call.get(name) is not None for name in CACHE_ARGUMENTS):
             raise ValueError(
                 "a KV cache cannot be used under Ulysses SP (it would hold one chunk). Generate inside "
                 "`handle.bypass()` or apply with eval_mode='bypass'."

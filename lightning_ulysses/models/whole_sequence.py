@@ -12,7 +12,8 @@ is named, so a new one is covered without a code change):
   gathered full-sequence positions, which also sets any state it keeps (``inv_freq``) as the non-SP
   model would, and each rank keeps the slice of its output for its own tokens;
 * **cache-offset modules** — attention modules that number their tokens as
-  ``arange(local length) + past_key_values.get_seq_length()`` (Llama 4's NoPE temperature tuning):
+  ``arange(local length) + cache.get_seq_length()`` (Llama 4's NoPE temperature tuning; the cache
+  argument is ``cache`` or, before transformers 5.25, ``past_key_values``):
   under SP, where no cache is used, they are handed a stand-in whose length is the chunk's first
   global index, so they number the chunk's tokens as the non-SP model numbers the whole row.
 """
@@ -42,6 +43,17 @@ def _forward_params(module: nn.Module) -> dict[str, inspect.Parameter]:
 def is_position_module(module: nn.Module) -> bool:
     """A parameter-free module fed ``position_ids`` (a rotary embedding of any type)."""
     return "position_ids" in _forward_params(module) and next(module.parameters(), None) is None
+
+
+# What transformers calls an attention module's KV-cache argument: ``cache`` from 5.25 on (with
+# ``past_key_values`` a deprecated alias), ``past_key_values`` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(module: nn.Module) -> str | None:
+    """The name under which ``module.forward`` takes its KV cache, or ``None`` if it takes none."""
+    params = _forward_params(module)
+    return next((name for name in CACHE_ARGUMENTS if name in params), None)
 
 
 def reads_cache_length(source: str) -> bool:
@@ -152,12 +164,15 @@ def _position_wrapper(module: nn.Module, name: str, running: RunningContext) -> 
 
 def _offset_wrapper(module: nn.Module, running: RunningContext) -> Callable[..., Any]:
     signature = inspect.signature(module.forward)
+    # the analysis refuses an offset module without a cache argument, so there is one here; passed by
+    # the name the signature has, since a deprecated alias beside the real argument may be dropped
+    name = cache_argument(module)
 
     def forward(next_forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ctx = running()
         call = bind_call(signature, args, kwargs)
-        if ctx is not None and call.get("past_key_values") is None:
-            call["past_key_values"] = ChunkOffset(ctx.sp_rank * ctx.local_len)
+        if ctx is not None and call.get(name) is None:
+            call[name] = ChunkOffset(ctx.sp_rank * ctx.local_len)
         return next_forward(**call)
 
     return forward
