@@ -335,3 +335,30 @@ def test_packed_rows_a_model_attends_across_are_refused():
     results = run_distributed(_packed_for_encoder, 2, "refuse")
     assert all("BertForMaskedLM: its attention masks do not read position_ids" in r for r in results), results
     assert run_distributed(_packed_for_encoder, 2, "split") == ["split"] * 2
+
+
+def test_cache_offset_goes_by_the_signatures_name_or_is_refused():
+    """The chunk offset is handed to the cache argument the attention module's signature names
+    (``cache`` from transformers 5.25, ``past_key_values`` before); a module that numbers its
+    tokens from a cache length it cannot be given is refused before any forward."""
+    from lightning_ulysses.models.analysis import analyse_model
+    from lightning_ulysses.models.whole_sequence import cache_argument
+    from lightning_ulysses.models.analysis import UnsupportedModelError
+
+    model = _llama4_temperature()
+    attention = model.model.layers[1].self_attn
+    assert cache_argument(attention) in ("cache", "past_key_values")
+    assert "model.layers.1.self_attn" in analyse_model(model, 2).offset_modules
+
+    class NumbersFromAStoredCache(type(attention)):
+        def forward(self, hidden_states, position_embeddings, attention_mask, **kwargs):
+            # a cache kept on the module, not passed in: SP has no argument to hand the offset through
+            seen = self.stored.get_seq_length(self.layer_idx)
+            positions = torch.arange(hidden_states.shape[1]) + seen
+            attention_interface = super().forward  # the backend call, as HF's modules name it
+            return attention_interface(hidden_states * positions[None, :, None], position_embeddings, attention_mask)
+
+    attention.__class__ = NumbersFromAStoredCache
+    assert cache_argument(attention) is None
+    with pytest.raises(UnsupportedModelError, match="takes no cache argument"):
+        analyse_model(model, 2)
