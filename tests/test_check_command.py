@@ -57,9 +57,10 @@ def test_refused_model_type_names_the_reason():
 
 
 def _llama_config(tmp_path: Path, **overrides) -> Path:
-    """A full-size (7B-like) Llama config.json with grouped-query attention (32 query, 8 KV heads)."""
+    """A full-width (7B-like) Llama config.json with grouped-query attention (32 query, 8 KV heads); 4
+    layers rather than 32, which changes nothing the analysis decides and keeps the meta build quick."""
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
-              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "intermediate_size": 11008, "num_hidden_layers": 4, "num_attention_heads": 32,
               "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096, **overrides}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
