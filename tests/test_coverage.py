@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
 from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_model
+from lightning_ulysses.support.configs import build_tiny
+from lightning_ulysses.support.parity import _call, _inputs, classify
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
-from tests.zoo.check import _call, _inputs, classify
-from tests.zoo.configs import build_tiny
 
 # (model_type, head, class): one representative of each class the issue lists.
 EXACT_CASES = [
@@ -244,7 +244,7 @@ REASONS = [  # (arch, class, the refusal's class, or None: supported)
 
 @pytest.mark.parametrize("arch,cls,expected", REASONS, ids=[c[0] for c in REASONS])
 def test_refusal_reason_is_true(arch, cls, expected):
-    from tests.zoo.reasons import claim_holds, reason_class
+    from lightning_ulysses.support.reasons import claim_holds, reason_class
 
     allowed = expected if isinstance(expected, tuple) else (expected,)
     model = build_tiny(arch, cls, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """The whole transformers zoo under SP: every architecture exact or refused, never silently wrong.
 
-Classifies every causal / masked LM architecture of the installed transformers (tests/zoo/), writes
+Classifies every causal / masked LM architecture of the installed transformers (lightning_ulysses/support/), writes
 docs/supported_models.md from the result and checks the README's counts against it.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.zoo.configs import build_tiny
-from tests.zoo.matrix import DOC, counts, render, run_matrix, summary_line, variant_items
-from tests.zoo.reasons import claim_holds, reason_class
+from lightning_ulysses.support.configs import build_tiny
+from lightning_ulysses.support.matrix import DOC, counts, render, run_matrix, summary_line, variant_items
+from lightning_ulysses.support.reasons import claim_holds, reason_class
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # .ci/newest (the newest-versions check): default configurations only, against the newest transformers that
@@ -58,7 +58,7 @@ def test_every_architecture_is_exact_or_refused():
     readme = README.read_text()
     assert summary_line(results) in readme, (
         f"README's support-matrix counts differ from this run: expected the line {summary_line(results)!r}; "
-        "regenerate with `python -m tests.zoo.matrix` and update the README.")
+        "regenerate with `python -m lightning_ulysses.support.matrix` and update the README.")
     assert re.search(r"docs/supported_models\.md", readme)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .check import RTOL, SEQ, Verdict, _call, _inputs, _short, compare
+from .parity import RTOL, SEQ, Verdict, _call, _inputs, _short, compare
 from .configs import build_tiny, tiny_config_kwargs
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")

@@ -30,7 +30,7 @@ class Verdict:
     verdict: str  # exact | refused | untestable | wrong | foreign
     reason: str = ""
     details: dict[str, float] = field(default_factory=dict)
-    variant: str = ""  # "" for the default config; else the configuration row (tests/zoo/variants.py)
+    variant: str = ""  # "" for the default config; else the configuration row (lightning_ulysses/support/variants.py)
     # how the default config was compared, reused by its configuration rows
     dtype: str = "float64"
     eval_mode: bool = False
@@ -174,10 +174,15 @@ def compare(ref: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch
     return dict(zip(errs, t.tolist()))
 
 
-def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "padded")) -> Verdict:
+def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "padded"),
+             base: dict[str, Any] | None = None) -> Verdict:
+    """Classify ``cls`` of model type ``arch`` (``head`` ``"causal"`` or ``"masked"``) on every rank of
+    ``sp_group``: a tiny random build of its default config (of ``base``, a full-size config dict,
+    when given: :func:`~.configs.build_tiny`) under SP against the untouched build, on ``variants``
+    of the batch (``"plain"``, ``"padded"``: left padding). Every rank returns the same verdict."""
     try:
-        ref = build_tiny(arch, cls)
-        model = build_tiny(arch, cls)
+        ref = build_tiny(arch, cls, base=base)
+        model = build_tiny(arch, cls, base=base)
     except Exception as e:  # noqa: BLE001
         return Verdict(arch, head, cls, "untestable", f"tiny config could not be built: {type(e).__name__}: {e}"[:300])
     try:
@@ -188,7 +193,8 @@ def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "
             loss.backward()
     except Exception:  # noqa: BLE001 - some kernels (grouped MoE matmuls) have no float64, some eager
         # paths turn fully masked padding rows into NaN in float64: float32 then
-        ref, model = build_tiny(arch, cls, dtype=torch.float32), build_tiny(arch, cls, dtype=torch.float32)
+        ref = build_tiny(arch, cls, dtype=torch.float32, base=base)
+        model = build_tiny(arch, cls, dtype=torch.float32, base=base)
     note = ""
     eval_mode = _is_random_in_training(ref, head)
     if eval_mode:

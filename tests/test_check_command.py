@@ -1,0 +1,98 @@
+"""``python -m lightning_ulysses.check``: verdict, errors and exit status for a supported and a refused model.
+
+The subprocess cases are the command as users run it (few of them: each pays the import of torch,
+transformers and Lightning); the config-file cases call :func:`lightning_ulysses.check.main` in
+this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_ulysses.check import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, main
+from lightning_ulysses.support.configs import build_tiny
+from lightning_ulysses.support.parity import RTOL
+from tests.distributed import _DIST_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "lightning_ulysses.check", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(300)
+def test_supported_model_type_is_supported_and_exact_when_run():
+    done = _check("llama")
+    assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    assert done.stdout.startswith("supported: LlamaForCausalLM (llama) at sp=2"), done.stdout
+
+    done = _check("llama", "--run", "--sp", "2")
+    assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    assert done.stdout.startswith("exact: LlamaForCausalLM (llama) at sp=2"), done.stdout
+    errors = dict(re.findall(r"(\w+) (\d\.\de[+-]\d+)", done.stdout.split("max relative errors:", 1)[1]))
+    # every quantity the parity check compares is reported, each within the tolerance
+    assert set(errors) == {"logits", "loss", "grads", "grad_ratio"}, done.stdout
+    assert all(float(v) <= RTOL for v in errors.values()), errors
+
+
+@pytest.mark.timeout(300)
+def test_refused_model_type_names_the_reason():
+    done = _check("gptj", "--run")  # refused by the analysis: nothing is run
+    assert done.returncode == EXIT_REFUSED, done.stdout + done.stderr
+    assert done.stdout.startswith("refused: GPTJForCausalLM does not dispatch its attention through transformers' "
+                                  "AttentionInterface"), done.stdout
+    assert "exact" not in done.stdout
+
+
+def _llama_config(tmp_path: Path, **overrides) -> Path:
+    """A full-width (7B-like) Llama config.json with grouped-query attention (32 query, 8 KV heads); 4
+    layers rather than 32, which changes nothing the analysis decides and keeps the meta build quick."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+              "intermediate_size": 11008, "num_hidden_layers": 4, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096, **overrides}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_config_file_and_directory_are_analysed_at_full_size(tmp_path, capsys):
+    path = _llama_config(tmp_path)
+    assert main([str(path)]) == EXIT_OK
+    assert main([str(tmp_path)]) == EXIT_OK  # the directory's config.json
+    assert capsys.readouterr().out.count("supported: LlamaForCausalLM (llama) at sp=2") == 2
+    # the real head counts decide: 32 query heads cannot be split over 3 ranks
+    assert main([str(path), "--sp", "3"]) == EXIT_REFUSED
+    out = capsys.readouterr().out
+    assert out.startswith("refused: ") and "not divisible by sp=3" in out, out
+
+
+def test_tiny_build_of_a_config_keeps_its_head_layout(tmp_path):
+    for heads, kv in ((32, 8), (32, 32), (16, 1)):
+        base = json.loads(_llama_config(tmp_path, num_attention_heads=heads, num_key_value_heads=kv).read_text())
+        config = build_tiny("llama", "LlamaForCausalLM", base=base).config
+        if kv == 1:  # multi-query stays multi-query
+            assert config.num_key_value_heads == 1 and config.num_attention_heads > 1
+        else:  # multi-head stays multi-head, a GQA group keeps its size
+            assert config.num_attention_heads // config.num_key_value_heads == heads // kv
+            assert config.num_key_value_heads > 1
+        assert config.num_hidden_layers == 2 and config.hidden_size == 64
+
+
+def test_unusable_targets_are_errors(tmp_path, capsys):
+    assert main(["no_such_model_type"]) == EXIT_ERROR
+    assert main([str(tmp_path)]) == EXIT_ERROR  # a directory without config.json
+    assert main([str(tmp_path / "missing" / "config.json")]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "not in the installed transformers" in err and "without a config.json" in err and "no such file" in err
