@@ -51,6 +51,7 @@ from .multimodal import (attach_image_blocks, call_with_full_row, check_composit
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
 from .preflight import check_backend_available, check_backend_trains
+from .vision_sp import plan_vision_split, split_vision
 from .whole_sequence import CACHE_ARGUMENTS, apply_whole_sequence
 
 IGNORE_INDEX = -100
@@ -87,12 +88,15 @@ class UlyssesHandle:
             the model runs unpatched on whatever full sequence it is given, e.g. for generation).
         overlap_chunks: head groups per rank whose exchanges overlap attention compute (1: none).
         debug_skip_attention: the debug mode of :func:`apply_ulysses` is on (results are wrong).
+        vision_sp: a vision-language model's images are encoded split over the SP group
+            (:mod:`.vision_sp`); ``False`` when not asked for, not a composite, or its encoder call
+            has another form (``vision_sp_reason`` then says why).
     """
 
     def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp",
                  overlap_chunks: int = 1, debug_skip_attention: bool = False,
                  packed_documents: PackedDocuments = "refuse", ring_group: ProcessGroup | None = None,
-                 ulysses_group: ProcessGroup | None = None) -> None:
+                 ulysses_group: ProcessGroup | None = None, vision_sp: bool = False) -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
         self.packed_documents = check_packed_documents(packed_documents)
@@ -145,6 +149,12 @@ class UlyssesHandle:
                                            chunks=chunks, ring=self.ring_size > 1)
         self.overlap_chunks = overlap_chunks
         self.debug_skip_attention = debug_skip_attention
+        split, self.vision_sp_reason = (plan_vision_split(model, composite) if vision_sp and composite is not None
+                                        else (None, "" if composite is None else "vision_sp=False"))
+        self.vision_sp = split is not None
+        if vision_sp and composite is not None and split is None:
+            warnings.warn(f"vision_sp: {self.vision_sp_reason}; its images are encoded whole on every SP rank.",
+                          stacklevel=3)
         self.name = f"ulysses_{next(_ids)}"
         self._bypass_depth = 0
         self._current: ForwardContext | None = None
@@ -173,6 +183,7 @@ class UlyssesHandle:
                                                          self._running_context)
         self._undo_language_model = (wrap_language_model(composite, self._running_context, self._own_random_stream)
                                      if composite is not None else (lambda: None))
+        self._undo_vision = split_vision(split, self._running_context) if split is not None else (lambda: None)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -195,6 +206,7 @@ class UlyssesHandle:
             del model._loss_function
         else:
             model._loss_function = self._saved_loss
+        self._undo_vision()
         self._undo_language_model()
         self._undo_whole_sequence()
         for undo in reversed(self._undo_mixers):
@@ -518,7 +530,7 @@ def find_hf_models(module: nn.Module) -> list[nn.Module]:
 def apply_ulysses(
     model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1,
     debug_skip_attention: bool = False, packed_documents: PackedDocuments = "refuse",
-    ring_group: ProcessGroup | None = None, ulysses_group: ProcessGroup | None = None,
+    ring_group: ProcessGroup | None = None, ulysses_group: ProcessGroup | None = None, vision_sp: bool = False,
 ) -> UlyssesHandle:
     """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
 
@@ -562,6 +574,11 @@ def apply_ulysses(
             Ulysses group only, and ring attention passes key/value blocks around the ring group, so ``sp``
             may exceed what the heads allow. Both or neither; SP rank ``r`` must be ring rank
             ``r // ulysses`` and Ulysses rank ``r % ulysses`` (the chunks stay contiguous).
+        vision_sp: for a vision-language model, split the batch's images over the SP ranks: each
+            encodes its share (vision tower and projector) and the features are all-gathered
+            (:mod:`.vision_sp`), exact like the replicated tower, with its time and activation
+            memory divided by up to ``sp``. Where the model's encoder call has another form, its
+            images are encoded replicated, with a warning saying why. No effect on text models.
 
     Raises:
         UnsupportedModelError: the model cannot run exactly under SP (README, "Supported models"):
@@ -571,4 +588,4 @@ def apply_ulysses(
     """
     return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks,
                          debug_skip_attention=debug_skip_attention, packed_documents=packed_documents,
-                         ring_group=ring_group, ulysses_group=ulysses_group)
+                         ring_group=ring_group, ulysses_group=ulysses_group, vision_sp=vision_sp)

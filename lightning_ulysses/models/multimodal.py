@@ -11,7 +11,8 @@ image starts. So under SP:
 1. the handle gathers the row's ``input_ids`` and the other per-token inputs the outer model reads
    (``attention_mask``, ``mm_token_type_ids``, ``token_type_ids``) in its one all-gather of the
    forward, and calls the outer model with the **full** row; every SP rank then runs the vision
-   tower and the projector on the sample's whole images (replicated: no ``vision_sp`` yet);
+   tower and the projector on the sample's whole images (replicated; with ``vision_sp=True`` each
+   rank encodes its share of the images and the features are all-gathered: :mod:`.vision_sp`);
 2. the outer model merges the features and computes its positions on the full row, exactly as
    without SP, and calls its language model with full-row ``inputs_embeds`` and ``position_ids``;
 3. :func:`wrap_language_model` cuts those to this rank's chunk (and whatever else is indexed by

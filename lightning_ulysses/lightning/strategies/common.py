@@ -85,13 +85,15 @@ class UlyssesMixin:
     def _init_ulysses(self, sp: int | Literal["auto"], eval_mode: str, check_batches: bool,
                       overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True,
                       debug_skip_attention: bool = False, packed_documents: str = "refuse",
-                      batch_axes: dict[str, int | None] | None = None, ring: int | None = None) -> None:
+                      batch_axes: dict[str, int | None] | None = None, ring: int | None = None,
+                      vision_sp: bool = False) -> None:
         if ring is not None and (not isinstance(ring, int) or isinstance(ring, bool) or ring < 1):
             raise ValueError(f"ring must be a positive integer or None, got {ring!r}.")
         self._ring_requested = ring
         self._topology_warned = False
         self._debug_skip_attention = debug_skip_attention  # apply_ulysses warns when it is on
         self._packed_documents = check_packed_documents(packed_documents)
+        self._vision_sp = bool(vision_sp)  # passed to every apply_ulysses (models/vision_sp.py)
         self._batch_axes = dict(batch_axes or {})
         if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
             raise ValueError(f"sp must be a positive integer or 'auto', got {sp!r}.")
@@ -348,7 +350,7 @@ class UlyssesMixin:
         handles = [
             apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks,
                           debug_skip_attention=self._debug_skip_attention, packed_documents=self._packed_documents,
-                          **groups)
+                          vision_sp=self._vision_sp, **groups)
             for m in models
         ]
         if self._unregister_group is None:

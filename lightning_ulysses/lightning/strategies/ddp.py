@@ -57,6 +57,8 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
             ``None`` (default) picks the largest Ulysses degree the model's heads allow that also
             divides the processes per node, and runs the rest of ``sp`` as ring attention (so ``sp``
             may exceed the heads); ``ring=sp`` is a pure ring, ``ring=1`` pure Ulysses.
+        vision_sp: split a vision-language model's images over the SP ranks (each encodes its share,
+            the features are all-gathered; :func:`~lightning_ulysses.apply_ulysses`). Default ``False``.
 
     The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
     ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``, and for the split ``ring_group``,
@@ -84,6 +86,7 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
+        vision_sp: bool = False,
     ) -> None:
         super().__init__(
             process_group_backend=process_group_backend,
@@ -95,7 +98,8 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         )
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
+                           vision_sp=vision_sp)
 
     @override
     def _configure_launcher(self) -> None:

@@ -139,6 +139,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             :class:`~lightning_ulysses.UlyssesStrategy`.
         ring: ring degree of ``sp = ring × ulysses`` (``None``: chosen from the model's heads), as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        vision_sp: split a vision-language model's images over the SP ranks, as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
         accelerator: set by Fabric from ``Fabric(accelerator=...)``.
         parallel_devices: set by Fabric from ``Fabric(devices=...)``.
         cluster_environment: set by Fabric (detected, or from ``Fabric(plugins=...)``).
@@ -172,6 +174,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
+        vision_sp: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -181,7 +184,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         )
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
+                           vision_sp=vision_sp)
 
     @override
     def _configure_launcher(self) -> None:
@@ -247,6 +251,8 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
             :class:`~lightning_ulysses.UlyssesStrategy`.
         ring: ring degree of ``sp = ring × ulysses`` (``None``: chosen from the model's heads), as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        vision_sp: split a vision-language model's images over the SP ranks, as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     _sharded_checkpoints = True  # every rank writes its shards
@@ -270,6 +276,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
+        vision_sp: bool = False,
     ) -> None:
         super().__init__(parallelize_fn=self._parallelize, save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -277,7 +284,8 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         self._init_checkpointing(activation_checkpointing, offload_activations)
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
+                           vision_sp=vision_sp)
 
     @override
     def _configure_launcher(self) -> None:

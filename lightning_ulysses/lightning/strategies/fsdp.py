@@ -167,6 +167,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
             :class:`~lightning_ulysses.UlyssesStrategy`.
         ring: ring degree of ``sp = ring × ulysses`` (``None``: chosen from the model's heads), as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        vision_sp: split a vision-language model's images over the SP ranks, as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     strategy_name = "ulysses_fsdp"
@@ -194,6 +196,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
         packed_documents: Literal["refuse", "split"] = "refuse",
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
+        vision_sp: bool = False,
     ) -> None:
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -202,7 +205,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
         self._offload_params = offload_params
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention,
-                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring)
+                           packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
+                           vision_sp=vision_sp)
 
     @override
     def _configure_launcher(self) -> None:
