@@ -67,19 +67,20 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _trainer_fit(rank, world, name, sp):
+def _trainer_fit(rank, world, name, sp, vision_sp=False):
     lm, logged = VLM(name), _Logged()
-    trainer = pl.Trainer(strategy=UlyssesStrategy(sp=sp, find_unused_parameters=True), max_steps=STEPS,
+    strategy = UlyssesStrategy(sp=sp, find_unused_parameters=True, vision_sp=vision_sp)
+    trainer = pl.Trainer(strategy=strategy, max_steps=STEPS,
                          callbacks=[logged], **trainer_kwargs(devices=world))
     trainer.fit(lm, train_dataloaders=_loader(name, shuffled_over=world // sp))
     assert lm.model.config.get_text_config()._attn_implementation == "sdpa", "Ulysses left behind after fit"
     return logged.values, _state(lm.model), (trainer.strategy.dp_size, trainer.strategy.sp_size)
 
 
-def _fabric_fit(rank, world, name, sp):
+def _fabric_fit(rank, world, name, sp, vision_sp=False):
     from lightning.fabric import Fabric
 
-    strategy = UlyssesFabricStrategy(sp=sp, find_unused_parameters=True)
+    strategy = UlyssesFabricStrategy(sp=sp, find_unused_parameters=True, vision_sp=vision_sp)
     fabric = Fabric(accelerator="cpu", devices=world, strategy=strategy)
     fabric.launch()
     model = fabric.setup_module(_build(name))
@@ -151,6 +152,18 @@ def test_trainer_with_images_matches_ddp(name, world, sp):
 
 def test_fabric_with_images_matches_ddp():
     results = run_distributed(_fabric_fit, 4, "qwen2_vl", 2, init_pg=False)
+    _assert_matches(results, "qwen2_vl", 2, 2, shuffled=False)
+
+
+def test_vision_sp_under_the_trainer_matches_ddp():
+    # each SP rank encodes its share of the images; the fit still equals plain DDP over the DP replicas
+    # (every family's single-step parity with and without vision_sp: tests/test_vision_sp.py)
+    results = run_distributed(_trainer_fit, 4, "qwen2_vl", 2, True, init_pg=False)
+    _assert_matches(results, "qwen2_vl", 2, 2, shuffled=True)
+
+
+def test_vision_sp_under_fabric_matches_ddp():
+    results = run_distributed(_fabric_fit, 4, "qwen2_vl", 2, True, init_pg=False)
     _assert_matches(results, "qwen2_vl", 2, 2, shuffled=False)
 
 
