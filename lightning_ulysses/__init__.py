@@ -3,7 +3,8 @@
 The package is layered along the data path, one subpackage per layer (each says what it owns):
 :mod:`.parallel` (mesh, collectives, attention), :mod:`.models` (what is done to a model),
 :mod:`.losses` (exact objectives), :mod:`.tiling` (tiled compute) and :mod:`.lightning`
-(strategies, callbacks, data). Commands: ``python -m lightning_ulysses.convert_checkpoint``.
+(strategies, callbacks, data); :mod:`.support` is the support-matrix engine. Commands:
+``python -m lightning_ulysses.convert_checkpoint`` and ``python -m lightning_ulysses.check``.
 """
 
 from .lightning.callbacks import TiledLossCallback

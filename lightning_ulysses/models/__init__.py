@@ -9,6 +9,10 @@
 * :mod:`.positions` — global positions derived as the model would derive them;
 * :mod:`.moe` — the MoE load-balancing loss made global over the sequence;
 * :mod:`.mixers` — SP execution of non-attention token mixers (linear attention, Mamba);
+* :mod:`.whole_sequence` — what a model derives from the whole row (RoPE scaling, cache offsets)
+  derived on it;
+* :mod:`.multimodal` — vision-language models: images encoded and merged on the full row, then sharded;
+* :mod:`.vision_sp` — a batch's images encoded split over the SP ranks and all-gathered;
 * :mod:`.patching` — reversible, ordered wrappers around one model's ``forward``;
 * :mod:`.debug` — the ``debug_skip_attention`` stand-in.
 """
