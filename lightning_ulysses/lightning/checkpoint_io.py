@@ -4,7 +4,8 @@ Writing (:func:`write_atomically`): the checkpoint goes to a hidden sibling (``.
 fsynced, and only then renamed over the destination, so a crash at any point leaves the previous
 checkpoint in place. A folder (or a file and a folder) is swapped with the old one in a single atomic
 exchange where the OS has one (Linux ``renameat2``); elsewhere the old one is moved aside first, and a
-crash between those two renames leaves no checkpoint under the name (the load error names both). A completion marker records the global step and every file with its size:
+crash between those two renames leaves no checkpoint under the name (the load error names both). A
+completion marker records the global step and every file with its size:
 
 * a folder (DCP shards, ``.metadata``, ``meta.pt``) carries ``.ulysses_complete.json`` inside, written
   after every other file and before the rename, so the folder and its marker appear together;

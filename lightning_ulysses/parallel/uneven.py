@@ -4,7 +4,8 @@
 under ``vision_sp``) gives each SP rank a share of its own size, possibly empty; collectives want
 equal buffers, so each share travels padded to the largest one and the padding is dropped on arrival.
 The backward is the adjoint: every rank's upstream gradient of the whole result is summed over the
-group and each rank keeps the part of its own share (a reduce-scatter).
+group and each rank keeps the part of its own share (a reduce-scatter): the padded gather is
+:func:`~.comm.gather_sequence_grad` itself, so the two share one collective and its gloo fallback.
 """
 
 from __future__ import annotations
@@ -16,36 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-
-class _GatherShares(torch.autograd.Function):
-    """Forward: padded all-gather of 1-D shares. Backward: sum over the group, keep this rank's share."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, sizes: tuple[int, ...], group: ProcessGroup) -> Tensor:  # type: ignore[override]
-        rank = dist.get_rank(group)
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
-        width = max(sizes)
-        send = x.new_zeros(width)
-        send[: sizes[rank]] = x
-        received = [torch.empty_like(send) for _ in sizes]
-        dist.all_gather(received, send, group=group)
-        return torch.cat([r[:n] for r, n in zip(received, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        sizes, width = ctx.sizes, max(ctx.sizes)
-        padded = grad.new_zeros(len(sizes), width)
-        for row, part in zip(padded, grad.contiguous().split(list(sizes))):
-            row[: part.numel()] = part
-        # Summed, not averaged: every SP rank carries the whole loss's gradient at the sp x scale of
-        # docs/sp-loss.md, which DDP's 1/(dp*sp) average turns into the non-SP gradient.
-        if dist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter
-            dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=ctx.group)
-            mine = padded[ctx.rank]
-        else:
-            mine = padded.new_empty(width)
-            dist.reduce_scatter_tensor(mine, padded.reshape(-1), op=dist.ReduceOp.SUM, group=ctx.group)
-        return mine[: sizes[ctx.rank]].clone(), None, None
+from .comm import gather_sequence_grad
 
 
 def gather_shares(x: Tensor, sizes: Sequence[int], group: ProcessGroup) -> Tensor:
@@ -65,6 +37,11 @@ def gather_shares(x: Tensor, sizes: Sequence[int], group: ProcessGroup) -> Tenso
     sizes = tuple(int(n) for n in sizes)
     if len(sizes) != dist.get_world_size(group) or x.dim() != 1 or x.numel() != sizes[dist.get_rank(group)]:
         raise ValueError(f"gather_shares: share of shape {tuple(x.shape)} does not match sizes {list(sizes)}.")
-    if max(sizes) == 0:
+    width = max(sizes)
+    if width == 0:
         return x.new_zeros(0) + x.sum()  # nothing to move; keep the (empty) graph
-    return _GatherShares.apply(x, sizes, group)
+    # equal buffers for the collective: each share padded to the largest; gather_sequence_grad's
+    # backward is the adjoint wanted here (summed over the group, this rank's padded slice kept)
+    padded = torch.nn.functional.pad(x, (0, width - x.numel()))
+    full = gather_sequence_grad(padded[None], group, dim=1)[0]
+    return torch.cat([full[r * width: r * width + n] for r, n in enumerate(sizes)])
