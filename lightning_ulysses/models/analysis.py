@@ -36,6 +36,7 @@ from ..parallel.attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
 from .multimodal import CompositeParts, composite_objective, composite_parts
+from .source import source_of
 from .whole_sequence import cache_argument, is_position_module, reads_cache_length
 
 
@@ -133,10 +134,7 @@ _SSM_PARAMETERS = ("A_log", "dt_bias", "time_decay", "time_first")
 
 
 def _source(obj: Any) -> str:
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):
-        return ""
+    return source_of(obj)
 
 
 def _forward_source(module: nn.Module) -> str:

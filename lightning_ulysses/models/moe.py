@@ -13,7 +13,6 @@ backward sums over the SP group, the same gradient scale as the SP LM loss.
 from __future__ import annotations
 
 import ast
-import inspect
 import re
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from ..parallel.comm import gather_sequence_grad
 from .context import ForwardContext
+from .source import source_of
 
 _CALL = re.compile(r"load_balancing_loss_func\(")
 
@@ -42,7 +42,7 @@ class AuxLossPlan:
     @classmethod
     def from_model(cls, model: nn.Module, fn: Callable[..., Tensor]) -> "AuxLossPlan | None":
         """Parse the model's own call of ``fn``; ``None`` when an argument is not one we can supply."""
-        src = inspect.getsource(type(model).forward)
+        src = source_of(type(model).forward)
         match = _CALL.search(src)
         if match is None or not hasattr(model, "router_aux_loss_coef"):
             return None
