@@ -179,3 +179,37 @@ def _paligemma_parity(rank, world, sp):
 def test_paligemma_prefix_lm_exact(sp):
     compared = run_distributed(_paligemma_parity, sp, sp)[0]
     assert {"vision_tower", "multi_modal_projector", "language_model"} <= compared, compared
+
+
+def _paligemma_sdpa(rank, world):
+    from lightning_ulysses.parallel.mesh import build_mesh
+
+    dims = build_mesh("cpu", world)
+    torch.manual_seed(0)
+    ref = paligemma("sdpa", "gemma").float()
+    torch.manual_seed(0)
+    model = paligemma("sdpa", "gemma").float()
+    handle = apply_ulysses(model, dims.sp_group)
+    batch = paligemma_batch()
+    compare_sp_step(model, ref, batch, dims, world, "paligemma sdpa prefix")
+    padded = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    padded["attention_mask"] = torch.ones_like(batch["input_ids"])
+    padded["attention_mask"][1, -3:] = 0
+    padded["labels"] = padded["labels"].masked_fill(padded["attention_mask"] == 0, -100)
+    compare_sp_step(model, ref, padded, dims, world, "paligemma sdpa padded, causal")
+    plain = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    with pytest.raises(UnsupportedModelError, match="marked bidirectional.*Pass token_type_ids"):
+        model(**shard_batch(plain, dims.sp_rank, world))
+    handle.remove()
+    # what the refusal says: unpadded, without blocks, the untouched model is not causal
+    with torch.no_grad():
+        whole = ref(input_ids=plain["input_ids"], pixel_values=plain["pixel_values"]).logits[:, :4]
+        first = ref(input_ids=plain["input_ids"][:, :4]).logits
+    return float((whole - first).norm() / first.norm())
+
+
+def test_paligemma_sdpa_switch_between_causal_and_bidirectional_is_refused():
+    """With sdpa, transformers drops PaliGemma's causal mask on an unpadded batch without token_type_ids and
+    its Gemma (is_causal=False) attends bidirectionally: refused by name; prefix and padded batches stay exact."""
+    leak = run_distributed(_paligemma_sdpa, 2)[0]
+    assert leak > 1e-3  # the first tokens' logits depend on later ones in the untouched model

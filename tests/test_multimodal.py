@@ -33,7 +33,7 @@ def _parity(rank, world, name, sp):
     return compared, components | {n for n, _ in model.named_parameters() if n.startswith("lm_head")}
 
 
-@pytest.mark.parametrize("name,sp", [(n, 2) for n in MODELS] + [("qwen2_vl", 4), ("llava", 4)])
+@pytest.mark.parametrize("name,sp", [(n, sp) for n in MODELS for sp in (2, 4)])
 def test_vision_language_parity(name, sp):
     import transformers
     from packaging.version import Version
@@ -61,6 +61,19 @@ def test_other_composites_are_refused():
                       "num_mel_bins": 8, "max_source_positions": 16}))
     with pytest.raises(UnsupportedModelError, match=r"composite model with components Ulysses does not run \(audio_config"):
         analyse_model(audio, 2)
+
+
+@pytest.mark.parametrize("arch, cls", [("mllama", "MllamaForConditionalGeneration"),
+                                       ("kosmos-2.5", "Kosmos2_5ForConditionalGeneration")])
+def test_composites_whose_language_model_embeds_the_tokens_are_refused(arch, cls):
+    """Mllama reads its images through cross-attention and Kosmos-2.5's language model embeds the ids itself:
+    nothing merged into inputs_embeds for Ulysses to cut, so refused before the first forward."""
+    from lightning_ulysses.support.configs import build_tiny
+    from lightning_ulysses.support.images import image_config_kwargs
+
+    model = build_tiny(arch, cls, dtype=torch.float32, **image_config_kwargs(arch))
+    with pytest.raises(UnsupportedModelError, match=r"hands its language model '[^']+' .* the token ids"):
+        analyse_model(model, 2)
 
 
 def test_vision_tower_keeps_its_backend_and_remove_restores():

@@ -78,18 +78,19 @@ def gemma3():
     return model
 
 
-def paligemma():
+def paligemma(attn: str = "eager", text_model: str = "gemma2"):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-    # PaliGemma 2's language model (Gemma 2: a sliding and a full layer; eager, as Gemma 2 asks); 16 image
-    # tokens per 8x8 image (patch 2)
-    text = {"model_type": "gemma2", **TEXT, "head_dim": 8, "sliding_window": 8,
-            "layer_types": ["sliding_attention", "full_attention"]}
+    # PaliGemma 2's language model (Gemma 2: a sliding and a full layer; eager, as Gemma 2 asks), or
+    # PaliGemma 1's (``text_model="gemma"``, full attention only); 16 image tokens per 8x8 image (patch 2)
+    text = {"model_type": text_model, **TEXT, "head_dim": 8}
+    if text_model == "gemma2":
+        text |= {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
     vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
               "num_attention_heads": 2, "image_size": 8, "patch_size": 2, "projection_dim": 32}
     return PaliGemmaForConditionalGeneration(PaliGemmaConfig(text_config=text, vision_config=vision,
                                                              image_token_index=IMG, projection_dim=32,
-                                                             attn_implementation="eager"))
+                                                             attn_implementation=attn))
 
 
 def paligemma_batch(prefix_lengths: tuple[int, ...] = (22, 19)) -> dict[str, torch.Tensor]:

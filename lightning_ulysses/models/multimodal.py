@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from ..parallel.masks import SequenceMetadata
 from .context import ForwardContext
 from .patching import add_forward_wrapper, bind_call, remove_forward_wrapper
+from .source import source_of
 
 # The sub-configs a supported composite may have: its language model's and its vision tower's.
 TEXT_KEY = "text_config"
@@ -115,10 +116,7 @@ class ImageBlocks:
 
 
 def _source(obj: Any) -> str:
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):
-        return ""
+    return source_of(obj)
 
 
 def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
@@ -130,9 +128,9 @@ def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
     others = [c for c in components if c != TEXT_KEY and c not in VISION_KEYS]
     if others or TEXT_KEY not in components:
         raise _unsupported(
-            f"{name} is a composite model with components Ulysses does not run ({', '.join(others or components)}: "
-            "an audio encoder, a speech decoder, a second language model, ...); only a vision tower beside one "
-            "language model (text_config + vision_config) is supported under SP."
+            f"{name} is a composite model with components Ulysses does not run ({', '.join(others or components)}); "
+            "only a vision tower beside one language model (text_config + vision_config) is supported under SP, "
+            "not audio encoders, speech decoders, perceiver resamplers or a second language model."
         )
     text = getattr(model.config, TEXT_KEY)
     found = [(n, m) for n, m in model.named_modules()
@@ -149,6 +147,7 @@ def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
             f"{name} is a composite model whose language model {lm_name!r} ({type(lm).__name__}) has its own head; "
             "only composites whose language model is a backbone (the head on the outer model) are supported."
         )
+    _check_language_model_call(model, lm_name)
     params = inspect.signature(model.forward).parameters
     if "input_ids" not in params or "position_ids" not in params:
         raise _unsupported(f"{name}.forward takes no input_ids / position_ids; not supported under SP.")
@@ -157,6 +156,36 @@ def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
     causal_mask = (any("create_causal_mask(" in _source(type(m).forward) for m in outer)
                    and any(getattr(m, "is_causal", True) is False for m in lm.modules()))
     return CompositeParts(lm_name, lm, row_inputs, image_blocks_rule(outer, row_inputs), causal_mask)
+
+
+def _check_language_model_call(model: nn.Module, lm_name: str) -> None:
+    """Refuse a composite whose outer model hands its language model the token ids (or no
+    ``inputs_embeds``) rather than the merged embeddings (Mllama, Kosmos-2.5: the images reach the
+    text through cross-attention, and the language model embeds the tokens itself), read from the
+    calling module's forward: Ulysses merges the images into ``inputs_embeds`` on the whole row and
+    cuts those."""
+    import ast
+    import textwrap
+
+    parent_name, _, attr = lm_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        tree = ast.parse(textwrap.dedent(_source(type(parent).forward)))
+    except SyntaxError:
+        return
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr == attr and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"]
+    def embeds_itself(call: ast.Call) -> bool:
+        given = {k.arg: k.value for k in call.keywords}
+        ids = given.get("input_ids")
+        return "inputs_embeds" not in given or not (ids is None or (isinstance(ids, ast.Constant) and ids.value is None))
+
+    if calls and all(embeds_itself(c) for c in calls):
+        raise _unsupported(
+            f"{type(model).__name__} hands its language model {lm_name!r} ({type(parent).__name__}.forward) the token "
+            "ids, not merged inputs_embeds: its images do not enter as embeddings merged into the row (e.g. they are read through "
+            "cross-attention), so Ulysses SP cannot shard the row after the merge. This composite is not supported."
+        )
 
 
 def image_blocks_rule(outer: list[nn.Module], row_inputs: tuple[str, ...]) -> ImageBlocks | None:
@@ -295,6 +324,35 @@ def attach_image_blocks(parts: CompositeParts, model: nn.Module, metadata: Seque
     metadata.blocks_windowed = rule.windowed
 
 
+# Attention backends for which transformers drops a causal mask that only says "causal" (no padding,
+# no blocks) and lets the attention module's own ``is_causal`` decide instead.
+_SKIPS_PLAIN_MASKS = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def check_mask_switch(parts: CompositeParts, model: nn.Module, metadata: SequenceMetadata, backend: str) -> None:
+    """Refuse a batch on which the untouched model would attend bidirectionally although its outer
+    model hands the language model a causal mask (:attr:`CompositeParts.causal_mask`).
+
+    With sdpa or flash attention transformers materialises that mask only when it says more than
+    "causal" (padding, bidirectional blocks); otherwise it passes none and the language model's
+    ``is_causal = False`` makes attention bidirectional. The same model is thus causal on a padded
+    batch and bidirectional on an unpadded one, a switch Ulysses SP does not reproduce (the padding
+    it adds to reach a multiple of ``sp`` would flip it). ``backend``: the attention implementation
+    the model was configured with (the one Ulysses wraps)."""
+    if not parts.causal_mask or metadata.blocks is not None or metadata.valid is not None:
+        return
+    if backend not in _SKIPS_PLAIN_MASKS:
+        return
+    raise _unsupported(
+        f"{type(model).__name__}'s language model is marked bidirectional (is_causal = False, e.g. "
+        f"use_bidirectional_attention) while {type(model).__name__} hands it a causal mask; with {backend} and a "
+        "batch without padding or blocks transformers drops that mask, so the model attends bidirectionally here "
+        "and causally on padded batches. Ulysses SP does not reproduce that switch. Pass token_type_ids (the "
+        "prefix-LM mask the model trains with), use attn_implementation='eager', or set the text config's "
+        "use_bidirectional_attention=False (causal)."
+    )
+
+
 def wrap_language_model(parts: CompositeParts, running: Callable[[], ForwardContext | None],
                         random_stream: Callable[[], ContextManager[None]]) -> Callable[[], None]:
     """Cut the full-row inputs the outer model hands its language model to this rank's chunk.
@@ -343,6 +401,9 @@ def wrap_language_model(parts: CompositeParts, running: Callable[[], ForwardCont
                 "masks from the gathered padding and positions only, so this mask cannot be honoured."
             )
         call["attention_mask"] = None  # the padding is in the gathered metadata
+        if "use_cache" in signature.parameters:
+            # a cache would hold one chunk; some outer models pass their config's default (True) on
+            call["use_cache"] = False
         cache = call.get("cache_position")
         if isinstance(cache, Tensor) and cache.shape[-1] == seq:
             call["cache_position"] = cache.narrow(-1, lo, n)
