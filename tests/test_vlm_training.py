@@ -143,11 +143,25 @@ def _assert_matches(results, name, dp, sp, shuffled):
                 assert (state[k] - v).double().norm() <= 1e-5 * largest, f"{k} (rank {rank})"
 
 
-@pytest.mark.parametrize("name,world,sp", [("qwen2_vl", 4, 2), ("llava", 2, 2), ("gemma3", 2, 2), ("qwen2_vl", 4, 4)],
-                         ids=["qwen2_vl-dp2xsp2", "llava-sp2", "gemma3-image-blocks-sp2", "qwen2_vl-sp4"])
+@pytest.mark.parametrize("name,world,sp", [("qwen2_vl", 4, 2), ("llava", 2, 2), ("gemma3", 2, 2), ("qwen2_vl", 4, 4),
+                                           ("qwen2_5_vl", 2, 2), ("qwen3_vl", 2, 2)],
+                         ids=["qwen2_vl-dp2xsp2", "llava-sp2", "gemma3-image-blocks-sp2", "qwen2_vl-sp4",
+                              "qwen2_5_vl-sp2", "qwen3_vl-deepstack-sp2"])
 def test_trainer_with_images_matches_ddp(name, world, sp):
+    if _known_qwen3_vl_gap(name):
+        with pytest.raises(RuntimeError, match="computed its loss without `self.loss_function`"):
+            run_distributed(_trainer_fit, world, name, sp, init_pg=False)
+        return
     results = run_distributed(_trainer_fit, world, name, sp, init_pg=False)
     _assert_matches(results, name, world // sp, sp, shuffled=True)
+
+
+def _known_qwen3_vl_gap(name: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    # under the minimum transformers (5.14) Qwen3-VL's labelled forward is refused (README, a known gap)
+    return name == "qwen3_vl" and Version(transformers.__version__) < Version("5.23")
 
 
 def test_fabric_with_images_matches_ddp():
