@@ -154,6 +154,31 @@ def vlm_batch(family: str, images: bool) -> dict[str, torch.Tensor]:
     return batch
 
 
+def qwen_video_batch(frames_apart: bool) -> dict[str, torch.Tensor]:
+    """Two rows for a Qwen model: an image and a 2-frame video in the first, a larger 2-frame video in
+    the second, the videos across the chunk borders at sp 2 (16) and 4 (24). Grids [t, h, w]: image
+    [1, 4, 4] (4 tokens), videos [2, 2, 4] (4) and [2, 4, 4] (8). ``frames_apart``: each frame its own
+    delimited span with a timestamp token between (Qwen3-VL's processor, whose ``get_rope_index`` splits
+    a video into frames), else one span per video (Qwen2-VL, Qwen2.5-VL)."""
+    ids = torch.randint(3, IMG - 1, (2, SEQ), generator=torch.Generator().manual_seed(21))
+    ids[0, 3], ids[0, 4:8], ids[0, 8] = START, IMG, END
+
+    def video(row: int, start: int, tokens: int) -> None:
+        spans = [(start, tokens // 2), (start + tokens // 2 + 3, tokens // 2)] if frames_apart else [(start, tokens)]
+        for lo, n in spans:  # between frames: END, a timestamp token, START
+            ids[row, lo - 1], ids[row, lo:lo + n], ids[row, lo + n] = START, VIDEO, END
+
+    video(0, 21, 4)
+    video(1, 12, 8)
+    grids = torch.tensor([[2, 2, 4], [2, 4, 4]])
+    g = torch.Generator().manual_seed(22)
+    batch = {"input_ids": ids, "labels": ids.masked_fill((ids == IMG) | (ids == VIDEO), -100),
+             "mm_token_type_ids": (ids == IMG).long() + 2 * (ids == VIDEO).long(),
+             "pixel_values_videos": torch.randn(int(grids.prod(-1).sum()), 12, generator=g), "video_grid_thw": grids}
+    batch.update(_qwen_images([[1, 4, 4]], seed=23))
+    return batch
+
+
 # name: (builder, batch family)
 MODELS = {"qwen2_vl": (qwen2_vl, "qwen"), "qwen2_5_vl": (qwen2_5_vl, "qwen"),
           "qwen3_vl": (qwen3_vl, "qwen"), "llava": (llava, "llava"),
