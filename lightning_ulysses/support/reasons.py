@@ -28,6 +28,9 @@ CLASSES: list[tuple[str, str]] = [
     ("inline attention", r"mixes tokens through attention or linear attention computed inline"),
     ("unsupported mixer", r"mixes tokens through \w+"),
     ("does not dispatch", r"does not dispatch its attention through transformers' AttentionInterface"),
+    ("token ids to its language model", r"hands its language model '[^']+' \(\w+\.forward\) the token ids"),
+    ("bidirectional switch", r"language model is marked bidirectional"),
+    ("not an LM head", r"its head is neither a causal nor a masked LM head"),
 ]
 
 
@@ -106,4 +109,36 @@ def claim_holds(cls: str, model: nn.Module, message: str) -> bool:
         return named is not None and _interface_calls(model, within=named) == 0
     if cls == "does not dispatch":
         return _interface_calls(model) == 0
+    if cls == "token ids to its language model":
+        return _language_model_gets_ids(model, re.search(r"language model '([^']+)'", message).group(1))
+    if cls == "bidirectional switch":
+        return any(getattr(m, "is_causal", True) is False for m in model.modules())
+    if cls == "not an LM head":
+        from transformers.models.auto import modeling_auto as auto
+
+        heads = {*auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(), *auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()}
+        return not any(c.__name__ in heads for c in type(model).__mro__)
     return False
+
+
+def _language_model_gets_ids(model: nn.Module, name: str) -> bool:
+    """Whether the submodule ``name`` is called with ``input_ids`` (not embeddings) when the model
+    runs on a text-only row: observed with a hook, not read from the source."""
+    import torch
+
+    seen: list[bool] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(kwargs.get("input_ids") is not None or bool(args and isinstance(args[0], torch.Tensor)
+                                                                and not args[0].is_floating_point()))
+
+    hook = model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        with torch.no_grad():
+            model(input_ids=torch.randint(4, 64, (1, 8)), **kwargs)
+    except Exception:  # noqa: BLE001 - a model that cannot run text-only: judged by what was seen
+        pass
+    finally:
+        hook.remove()
+    return any(seen)
