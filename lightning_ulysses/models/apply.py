@@ -46,8 +46,8 @@ from .debug import debug_attend_layer
 from ..losses.sp_loss import causal_lm_loss_sum, shift_labels_full, sp_mean
 from ..parallel.masks import SequenceMetadata
 from .moe import add_to_loss, wants_router_logits, zero_coefficient
-from .multimodal import (attach_image_blocks, call_with_full_row, check_composite_call, check_mask_switch,
-                         full_row_inputs, wrap_language_model)
+from .multimodal import (attach_image_blocks, call_with_full_row, check_composite_call,
+                         check_encoders_run_on_every_rank, check_mask_switch, full_row_inputs, wrap_language_model)
 from .patching import add_forward_wrapper, base_forward, bind_call, isolate_config, remove_forward_wrapper
 from .positions import derive_positions
 from .preflight import check_backend_available, check_backend_trains
@@ -397,6 +397,7 @@ class UlyssesHandle:
         if composite is not None:
             attach_image_blocks(composite, self.model, metadata, whole)  # Gemma 3's image tokens, ...
             check_mask_switch(composite, self.model, metadata, self.backend)
+            check_encoders_run_on_every_rank(composite, self.model, call)
         if "cache_position" in self._signature.parameters and call.get("cache_position") is None:
             # the index of each token in the whole row, as the non-SP model numbers it (a composite
             # gets the whole row's, cut by its language model's wrapper)

@@ -353,6 +353,35 @@ def check_mask_switch(parts: CompositeParts, model: nn.Module, metadata: Sequenc
     )
 
 
+def check_encoders_run_on_every_rank(parts: CompositeParts, model: nn.Module, call: dict[str, Any]) -> None:
+    """Refuse a batch whose images reach some ranks and not others while the model's parameters are
+    sharded by FSDP2 (``DTensor`` parameters beside the language model).
+
+    FSDP2 all-gathers a module's parameters when it runs and reduce-scatters only the gradients that
+    exist: a rank whose batch has no ``pixel_values*`` skips the vision tower while another runs it,
+    and the two ranks' collectives no longer match (a hang, or gloo's size mismatch). DDP copes
+    (``find_unused_parameters=True``); FSDP2 does not, with or without SP. One all-reduce of a flag
+    over the world (where FSDP2's groups live) per forward lets every rank refuse together instead of
+    hanging; batches that agree (all with images, or all text-only) run as before."""
+    from torch.distributed.tensor import DTensor
+
+    prefix = parts.language_model + "."
+    if not any(isinstance(p, DTensor) for n, p in model.named_parameters() if not n.startswith(prefix)):
+        return
+    has = any(isinstance(v, Tensor) and k.startswith("pixel_values") and v.numel() > 0 for k, v in call.items())
+    device = next(parts.module.parameters()).device
+    flags = torch.tensor([float(has), float(not has)], device=device)
+    torch.distributed.all_reduce(flags)
+    if flags[0] > 0 and flags[1] > 0:
+        raise _unsupported(
+            f"{type(model).__name__} is sharded by FSDP2 and this step's batches carry images on "
+            f"{int(flags[0].item())} rank(s) and none on {int(flags[1].item())}: FSDP2 needs every rank to run "
+            "the same modules (a rank without images skips the vision tower, and the collectives of its "
+            "parameters no longer match). Give every batch at least one image (or none on every rank), or "
+            "train with UlyssesStrategy / UlyssesFabricStrategy (DDP, find_unused_parameters=True)."
+        )
+
+
 def wrap_language_model(parts: CompositeParts, running: Callable[[], ForwardContext | None],
                         random_stream: Callable[[], ContextManager[None]]) -> Callable[[], None]:
     """Cut the full-row inputs the outer model hands its language model to this rank's chunk.
