@@ -88,6 +88,47 @@ def test_video_parity(name, sp):
         assert {"visual", "language_model"} <= c, c
 
 
+def _ring_parity(rank, world, name, ulysses):
+    from lightning_ulysses.parallel.mesh import build_mesh
+
+    build, family = MODELS[name]
+    dims = build_mesh("cpu", world).split(ulysses)
+    assert (dims.ulysses_size, dims.ring_size) == (ulysses, world // ulysses)
+    torch.manual_seed(0)
+    ref = build().float()
+    batches = {"images": vlm_batch(family, True), "text": vlm_batch(family, False)}
+    if family == "qwen":
+        batches["videos"] = qwen_video_batch(frames_apart=name == "qwen3_vl")
+    compared = {}
+    for vision_sp in (False, True):
+        torch.manual_seed(0)
+        model = build().float()
+        handle = apply_ulysses(model, dims.sp_group, ring_group=dims.ring_group, ulysses_group=dims.ulysses_group,
+                               vision_sp=vision_sp)
+        assert (handle.ring_size, handle.vision_sp) == (dims.ring_size, vision_sp), handle.vision_sp_reason
+        for what, batch in batches.items():
+            compared[vision_sp, what] = compare_sp_step(model, ref, batch, dims, world,
+                                                        f"{name} u{ulysses}xr{dims.ring_size} {what} vision_sp={vision_sp}")
+        handle.remove()
+    return compared
+
+
+@pytest.mark.parametrize("name,ulysses", [("qwen2_vl", 2), ("qwen2_vl", 1), ("qwen3_vl", 2), ("llava", 2)],
+                         ids=["qwen2_vl-2x2", "qwen2_vl-1x4", "qwen3_vl-2x2", "llava-2x2"])
+def test_vision_language_parity_under_a_ring(name, ulysses):
+    """sp=4 as ulysses x ring: images (and Qwen videos) merged on the whole row, then the language model's
+    attention over the ring, with the tower replicated and split (vision_sp over the whole SP group)."""
+    if _known_qwen3_vl_gap(name):
+        with pytest.raises(RuntimeError, match="computed its loss without `self.loss_function`"):
+            run_distributed(_ring_parity, 4, name, ulysses)
+        return
+    compared = run_distributed(_ring_parity, 4, name, ulysses)[0]
+    for (vision_sp, what), c in compared.items():
+        assert "language_model" in c, (vision_sp, what, c)
+        if what != "text":
+            assert {"visual"} <= c or {"vision_tower", "multi_modal_projector"} <= c, (vision_sp, what, c)
+
+
 def test_other_composites_are_refused():
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 

@@ -16,10 +16,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_ulysses import UlyssesFabricStrategy, UlyssesStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from lightning_ulysses import UlyssesFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
 from tests.distributed import assert_close_rel, run_distributed
 from tests.lightning_setup import trainer_kwargs
-from tests.vlm_models import MODELS, VLMSamples, vlm_collate
+from lightning_ulysses.models.analysis import UnsupportedModelError
+from tests.vlm_models import IMAGE_COUNTS, MODELS, VLMSamples, vlm_collate
 
 STEPS = 3
 BATCH = 2  # samples per DP replica and step
@@ -56,10 +59,10 @@ class _Logged(pl.Callback):
         self.values.append(trainer.callback_metrics["train_loss"].item())
 
 
-def _loader(name: str, shuffled_over: int | None = None) -> DataLoader:
+def _loader(name: str, shuffled_over: int | None = None, counts: tuple[int, ...] = IMAGE_COUNTS) -> DataLoader:
     """The samples in their designed order (tests/vlm_models.py), read as Lightning's training sampler
     (shuffled) or Fabric's (in order, for a loader without shuffle) reads them over the DP replicas."""
-    data = VLMSamples(MODELS[name][1], shuffled_over=shuffled_over)
+    data = VLMSamples(MODELS[name][1], counts, shuffled_over=shuffled_over)
     return DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=vlm_collate)
 
 
@@ -67,14 +70,22 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _trainer_fit(rank, world, name, sp, vision_sp=False):
+def _trainer_fit(rank, world, name, sp, vision_sp=False, fsdp=False, counts=IMAGE_COUNTS):
     lm, logged = VLM(name), _Logged()
-    strategy = UlyssesStrategy(sp=sp, find_unused_parameters=True, vision_sp=vision_sp)
+    if fsdp:  # FSDP2 over the DP x SP mesh: no unused-parameter flag (a text-only batch reduces zeros)
+        strategy = UlyssesFSDPStrategy(sp=sp, vision_sp=vision_sp)
+    else:
+        strategy = UlyssesStrategy(sp=sp, find_unused_parameters=True, vision_sp=vision_sp)
     trainer = pl.Trainer(strategy=strategy, max_steps=STEPS,
                          callbacks=[logged], **trainer_kwargs(devices=world))
-    trainer.fit(lm, train_dataloaders=_loader(name, shuffled_over=world // sp))
+    trainer.fit(lm, train_dataloaders=_loader(name, shuffled_over=world // sp, counts=counts))
     assert lm.model.config.get_text_config()._attn_implementation == "sdpa", "Ulysses left behind after fit"
-    return logged.values, _state(lm.model), (trainer.strategy.dp_size, trainer.strategy.sp_size)
+    if fsdp:
+        full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True))  # on every rank
+        state = {k.removeprefix("model."): v for k, v in full.items()}
+    else:
+        state = _state(lm.model)
+    return logged.values, state, (trainer.strategy.dp_size, trainer.strategy.sp_size)
 
 
 def _fabric_fit(rank, world, name, sp, vision_sp=False):
@@ -96,7 +107,7 @@ def _fabric_fit(rank, world, name, sp, vision_sp=False):
     return losses, _state(model.module), (fabric.strategy.dp_size, fabric.strategy.sp_size)
 
 
-def reference_fit(name: str, dp: int, shuffled: bool) -> tuple[list[float], dict[str, torch.Tensor],
+def reference_fit(name: str, dp: int, shuffled: bool, counts: tuple[int, ...] = IMAGE_COUNTS) -> tuple[list[float], dict[str, torch.Tensor],
                                                                   dict[str, torch.Tensor]]:
     """Plain DDP over ``dp`` replicas, in one process: replica ``g`` reads what the run's
     DistributedSampler gives it (Lightning's shuffled with seed 0, or Fabric's in order); the step's
@@ -105,7 +116,7 @@ def reference_fit(name: str, dp: int, shuffled: bool) -> tuple[list[float], dict
     model = _build(name)
     init = _state(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    data = VLMSamples(MODELS[name][1], shuffled_over=dp if shuffled else None)
+    data = VLMSamples(MODELS[name][1], counts, shuffled_over=dp if shuffled else None)
     orders = [list(DistributedSampler(range(len(data)), num_replicas=dp, rank=g, shuffle=shuffled, seed=0))
               for g in range(dp)]
     losses = []
@@ -121,8 +132,8 @@ def reference_fit(name: str, dp: int, shuffled: bool) -> tuple[list[float], dict
     return losses, init, _state(model)
 
 
-def _assert_matches(results, name, dp, sp, shuffled):
-    ref_losses, init, ref_state = reference_fit(name, dp, shuffled)
+def _assert_matches(results, name, dp, sp, shuffled, counts=IMAGE_COUNTS):
+    ref_losses, init, ref_state = reference_fit(name, dp, shuffled, counts)
     updates = {k: (v - init[k]).double().norm().item() for k, v in ref_state.items()}
     largest = max(updates.values())
     # A key bias's gradient is zero in exact arithmetic (softmax ignores a per-query constant): its
@@ -174,6 +185,34 @@ def test_vision_sp_under_the_trainer_matches_ddp():
     # (every family's single-step parity with and without vision_sp: tests/test_vision_sp.py)
     results = run_distributed(_trainer_fit, 4, "qwen2_vl", 2, True, init_pg=False)
     _assert_matches(results, "qwen2_vl", 2, 2, shuffled=True)
+
+
+# Images per sample for FSDP (read as IMAGE_COUNTS is): images on both DP replicas in steps 1 and 2,
+# on neither in step 3 — every rank runs the same modules in each step, as FSDP2 needs.
+FSDP_COUNTS = (2, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("vision_sp", [False, True], ids=["replicated", "vision_sp"])
+def test_fsdp_with_images_matches_ddp(vision_sp):
+    # UlyssesFSDPStrategy (dp2 x sp2): rows with 2, 1 or no images, then a text-only step on every replica
+    results = run_distributed(_trainer_fit, 4, "qwen2_vl", 2, vision_sp, True, FSDP_COUNTS, init_pg=False)
+    _assert_matches(results, "qwen2_vl", 2, 2, shuffled=True, counts=FSDP_COUNTS)
+
+
+def _fsdp_mixed_step(rank, world):
+    try:
+        _trainer_fit(rank, world, "qwen2_vl", 2, False, True)  # step 2: images on one DP replica only
+    except UnsupportedModelError as e:
+        return str(e)
+    return None
+
+
+def test_fsdp_refuses_a_step_with_images_on_some_ranks_only():
+    """FSDP2 cannot run the vision tower on some ranks only (its collectives would no longer match, a
+    hang): every rank refuses that step together, naming the fix, instead of hanging."""
+    errors = run_distributed(_fsdp_mixed_step, 4, init_pg=False)
+    assert all(e and "images on 2 rank(s) and none on 2" in e and "find_unused_parameters=True" in e
+               for e in errors), errors
 
 
 def test_vision_sp_under_fabric_matches_ddp():
