@@ -10,6 +10,8 @@ straddle the chunk borders."""
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 
 import pytest
@@ -42,6 +44,11 @@ def _ours(rule, types, valid, window):
     return meta, meta.dense_mask(window)
 
 
+def _no_cache(make) -> dict:
+    # the mask builders' cache argument is `cache` from transformers 5.25 on, `past_key_values` before
+    return {"cache" if "cache" in inspect.signature(make).parameters else "past_key_values": None}
+
+
 def _assert_same_on_real_queries(hf, ours, valid):
     assert hf.shape == ours.shape
     rows = valid[:, None, :, None].expand_as(ours)  # HF's padding queries attend per its own convention
@@ -56,10 +63,10 @@ def test_gemma3_blocks_match_transformers(window):
     rule = _rule(gemma3())
     assert rule.windowed  # Gemma 3's sliding layers AND the window after ORing the image blocks in
     config = Gemma3TextConfig(sliding_window=3, attn_implementation="eager")
-    hf = modeling_gemma3.create_masks_for_vision_model(
-        config=config, inputs_embeds=torch.zeros(2, S, 1), attention_mask=VALID.long(), past_key_values=None,
-        position_ids=torch.arange(S).expand(2, S),
-        block_sequence_ids=modeling_gemma3.get_block_sequence_ids_for_mask(TYPES))
+    make = modeling_gemma3.create_masks_for_vision_model
+    hf = make(config=config, inputs_embeds=torch.zeros(2, S, 1), attention_mask=VALID.long(), **_no_cache(make),
+              position_ids=torch.arange(S).expand(2, S),
+              block_sequence_ids=modeling_gemma3.get_block_sequence_ids_for_mask(TYPES))
     meta, ours = _ours(rule, TYPES, VALID, window)
     _assert_same_on_real_queries(hf["full_attention" if window is None else "sliding_attention"], ours, VALID)
     # the blocks change the mask: a future image token is attended
@@ -77,7 +84,7 @@ def test_paligemma_prefix_matches_transformers(window):
     types = torch.stack([(torch.arange(S) >= n).long() for n in (9, 14)])
     config = Gemma2Config(sliding_window=3, attn_implementation="eager")
     make = create_causal_mask if window is None else create_sliding_window_causal_mask
-    hf = make(config=config, inputs_embeds=torch.zeros(2, S, 1), attention_mask=VALID.long(), past_key_values=None,
+    hf = make(config=config, inputs_embeds=torch.zeros(2, S, 1), attention_mask=VALID.long(), **_no_cache(make),
               position_ids=torch.arange(S).expand(2, S), block_sequence_ids=torch.where(types == 0, 0, -1))
     _, ours = _ours(rule, types, VALID, window)
     _assert_same_on_real_queries(hf, ours, VALID)

@@ -11,7 +11,7 @@ import torch
 from lightning_ulysses import apply_ulysses
 from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_model
 from tests.distributed import run_distributed
-from tests.vlm_models import MODELS, TEXT, compare_sp_step, qwen2_vl, qwen_video_batch, vlm_batch
+from tests.vlm_models import MODELS, TEXT, compare_sp_step, pad_left, qwen2_vl, qwen_video_batch, vlm_batch
 
 
 def _parity(rank, world, name, sp):
@@ -27,6 +27,9 @@ def _parity(rank, world, name, sp):
     compared = {}
     for images in (True, False):
         compared[images] = compare_sp_step(model, ref, vlm_batch(family, images), dims, sp, f"{name} images={images}")
+    # left padding (a processor's padding_side="left"): mrope / positions skip the padding on the whole row
+    compared["left-padded"] = compare_sp_step(model, ref, pad_left(vlm_batch(family, True), (3, 2)), dims, sp,
+                                              f"{name} images, left-padded")
     handle.remove()
     # every component (vision tower, projector, language model; the head unless tied) was compared
     components = {n for n, c in model.model.named_children() if next(c.parameters(), None) is not None}
@@ -52,7 +55,7 @@ def test_vision_language_parity(name, sp):
     compared, components = run_distributed(_parity, sp, name, sp)[0]
     components = {c.split(".")[0] for c in components}
     # the image batch reaches every component's gradient; the text-only batch the language model's
-    assert compared[True] == components, (compared, components)
+    assert compared[True] == components == compared["left-padded"], (compared, components)
     assert "language_model" in compared[False], compared
 
 

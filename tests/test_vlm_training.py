@@ -175,9 +175,17 @@ def _known_qwen3_vl_gap(name: str) -> bool:
     return name == "qwen3_vl" and Version(transformers.__version__) < Version("5.23")
 
 
-def test_fabric_with_images_matches_ddp():
-    results = run_distributed(_fabric_fit, 4, "qwen2_vl", 2, init_pg=False)
-    _assert_matches(results, "qwen2_vl", 2, 2, shuffled=False)
+@pytest.mark.parametrize("name,world,sp", [("qwen2_vl", 4, 2), ("qwen2_5_vl", 2, 2), ("qwen3_vl", 2, 2), ("llava", 2, 2),
+                                           ("gemma3", 4, 4)],
+                         ids=["qwen2_vl-dp2xsp2", "qwen2_5_vl-sp2", "qwen3_vl-deepstack-sp2", "llava-sp2",
+                              "gemma3-image-blocks-sp4"])
+def test_fabric_with_images_matches_ddp(name, world, sp):
+    if _known_qwen3_vl_gap(name):
+        with pytest.raises(RuntimeError, match="computed its loss without `self.loss_function`"):
+            run_distributed(_fabric_fit, world, name, sp, init_pg=False)
+        return
+    results = run_distributed(_fabric_fit, world, name, sp, init_pg=False)
+    _assert_matches(results, name, world // sp, sp, shuffled=False)
 
 
 def test_vision_sp_under_the_trainer_matches_ddp():

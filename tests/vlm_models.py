@@ -154,6 +154,29 @@ def vlm_batch(family: str, images: bool) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pad_left(batch: dict[str, torch.Tensor], pads: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """``batch`` with row ``i`` shifted right by ``pads[i]`` behind left padding (what a processor
+    with ``padding_side="left"`` makes): the per-token tensors move, the last tokens fall off (text
+    only in these batches), ``attention_mask`` marks the padding and ``labels`` ignore it and the
+    first real token."""
+    out = dict(batch)
+    mask = torch.ones_like(batch["input_ids"])
+    for key in _PER_TOKEN:
+        if key not in batch:
+            continue
+        moved = torch.zeros_like(batch[key]) if key != "labels" else torch.full_like(batch[key], -100)
+        for i, k in enumerate(pads):
+            moved[i, k:] = batch[key][i, :SEQ - k]
+            if key == "input_ids":
+                mask[i, :k] = 0
+        out[key] = moved
+    out["attention_mask"] = mask
+    for i, k in enumerate(pads):
+        if k:  # predicted from the last pad, an empty attention row: ignored (README, "Semantics worth knowing")
+            out["labels"][i, k] = -100
+    return out
+
+
 def qwen_video_batch(frames_apart: bool) -> dict[str, torch.Tensor]:
     """Two rows for a Qwen model: an image and a 2-frame video in the first, a larger 2-frame video in
     the second, the videos across the chunk borders at sp 2 (16) and 4 (24). Grids [t, h, w]: image
