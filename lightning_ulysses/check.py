@@ -11,7 +11,8 @@ or a transformers model type (``llama``: its default config, made tiny); never t
   query/KV head ratio, RoPE, window and MoE settings), runs it under SP on ``--sp`` fork-started
   CPU processes (gloo) against the untouched model on the same batch, exactly as the support matrix
   does (:mod:`lightning_ulysses.support.parity`), and prints the verdict with the worst relative
-  errors of logits, loss and gradients.
+  errors of logits, loss and gradients. A vision-language model gets a tiny vision tower too and
+  an image batch across the chunk border besides the text batch (:mod:`lightning_ulysses.support.images`).
 
 Exit status: 0 supported / exact, 1 refused, 2 anything else (an error, an untestable model, a
 mismatch).
@@ -133,9 +134,12 @@ def _parity_worker(rank: int, world: int, target: Target) -> Any:
 
     import torch.distributed as dist
 
+    from .support.images import classify_composite
     from .support.parity import classify
 
     warnings.filterwarnings("ignore")  # deprecation noise of tiny configs; the verdict is what counts
+    if target.head == "image-text-to-text":  # a text batch and an image batch across the chunk border
+        return classify_composite(target.model_type, target.cls, dist.group.WORLD, base=target.config)
     return classify(target.model_type, target.head, target.cls, dist.group.WORLD, base=target.config)
 
 
@@ -202,10 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.run:
         print(f"supported: {name} at sp={args.sp} (structural analysis; --run compares a tiny random build)")
         return EXIT_OK
-    if target.head == "image-text-to-text":
-        print(f"error: {name} is supported by the analysis, but --run builds text batches only; a vision-language "
-              "model needs an image batch", file=sys.stderr)
-        return EXIT_ERROR
     try:
         verdict = run_parity(target, args.sp)
     except RuntimeError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ulysses.check import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, main
+from lightning_ulysses.check import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, main, resolve, run_parity
 from lightning_ulysses.support.configs import build_tiny
 from lightning_ulysses.support.parity import RTOL
 from tests.distributed import _DIST_ENV
@@ -88,6 +88,27 @@ def test_tiny_build_of_a_config_keeps_its_head_layout(tmp_path):
             assert config.num_attention_heads // config.num_key_value_heads == heads // kv
             assert config.num_key_value_heads > 1
         assert config.num_hidden_layers == 2 and config.hidden_size == 64
+
+
+def test_vision_language_config_runs_with_an_image_batch(tmp_path, capsys):
+    """A Qwen2-VL-2B-like config.json (sub-configs without model_type, as checkpoints write them): the
+    tiny build keeps a vision tower, and --run compares a text batch and an image batch under SP."""
+    config = {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
+              "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+              "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645,
+              "text_config": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 4,
+                              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                              "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+              "vision_config": {"depth": 4, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16, "mlp_ratio": 4,
+                                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main([str(tmp_path), "--run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("exact: Qwen2VLForConditionalGeneration (qwen2_vl) at sp=2"), out
+    errors = dict(re.findall(r"(\w+) (\d\.\de[+-]\d+)", out.split("max relative errors:", 1)[1]))
+    assert set(errors) == {"logits", "loss", "grads", "grad_ratio"} and all(float(v) <= RTOL for v in errors.values())
+    verdict = run_parity(resolve(str(tmp_path)), 2)  # what the line summarises: both batches were compared
+    assert {k.split("/")[0] for k in verdict.details} == {"text", "images"}, sorted(verdict.details)
 
 
 def test_unusable_targets_are_errors(tmp_path, capsys):

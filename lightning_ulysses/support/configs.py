@@ -141,6 +141,17 @@ def keep_head_layout(config: dict[str, Any]) -> dict[str, Any]:
     return {"num_attention_heads": KV_HEADS * ratio, "num_key_value_heads": KV_HEADS}
 
 
+def normalised_config(model_type: str, base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``base`` (a checkpoint's config.json) as its config class writes it: every sub-config
+    (``text_config``, ``vision_config``) with its ``model_type``, which checkpoints often leave out
+    and which :func:`tiny_config_kwargs` recognises sub-configs by."""
+    if base is None:
+        return None
+    from transformers import AutoConfig
+
+    return type(AutoConfig.for_model(model_type)).from_dict(base).to_dict()
+
+
 def build_tiny(model_type: str, model_cls_name: str, attn: str | None = None, seed: int = 0,
                dtype: torch.dtype = DTYPE, base: dict[str, Any] | None = None, **extra: Any):
     """Build ``model_cls_name`` from a tiny config of ``model_type`` (``dtype``, fixed seed).
@@ -152,6 +163,7 @@ def build_tiny(model_type: str, model_cls_name: str, attn: str | None = None, se
     import transformers
     from transformers import AutoConfig
 
+    base = normalised_config(model_type, base)
     defaults = AutoConfig.for_model(model_type).to_dict() if base is None else base
     kwargs = tiny_config_kwargs(defaults)
     if base is not None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configs import HIDDEN, VOCAB, build_tiny, tiny_config_kwargs
+from .configs import HIDDEN, VOCAB, build_tiny, keep_head_layout, normalised_config, tiny_config_kwargs
 from .parity import RTOL, Verdict, _call, _is_random_in_training, _short, compare
 
 HEAD = "image-text"
@@ -66,13 +66,17 @@ def _special_ids(defaults: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def image_config_kwargs(model_type: str) -> dict[str, Any]:
+def image_config_kwargs(model_type: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Overrides of the tiny config that make images fit: placeholder ids inside the vocabulary,
-    a square tower's image ``GRID`` patches a side, Gemma 3's pooled tokens per image 4."""
+    a square tower's image ``GRID`` patches a side, Gemma 3's pooled tokens per image 4. ``base``:
+    the full-size config dict being shrunk (``build_tiny(..., base=)``), else the type's defaults."""
     from transformers import AutoConfig
 
-    defaults = AutoConfig.for_model(model_type).to_dict()
+    base = normalised_config(model_type, base)
+    defaults = AutoConfig.for_model(model_type).to_dict() if base is None else base
     kwargs = tiny_config_kwargs(defaults)
+    if base is not None:
+        kwargs.update(keep_head_layout(base))
     out: dict[str, Any] = _special_ids(defaults)
     vision = kwargs.get("vision_config")
     if isinstance(vision, dict):
@@ -94,7 +98,10 @@ def image_config_kwargs(model_type: str) -> dict[str, Any]:
         out["vision_config"] = {**out.get("vision_config", vision), **fit}
     # mrope's sections are filled in by the config class (not in its defaults): read them from a
     # built tiny config and rescale them to the tiny head
-    config = AutoConfig.for_model(model_type, **{**kwargs, **out})
+    if base is None:
+        config = AutoConfig.for_model(model_type, **{**kwargs, **out})
+    else:
+        config = type(AutoConfig.for_model(model_type)).from_dict({**base, **kwargs, **out})
     text = getattr(config, "text_config", None)
     mrope = "mrope_section" in _modeling_source(model_type)
     for holder, key in ((text, "text_config"), (config, None)):
@@ -271,9 +278,10 @@ def text_batch(model: nn.Module) -> dict[str, torch.Tensor]:
     return batch
 
 
-def classify_composite(arch: str, cls: str, sp_group: Any) -> Verdict:
+def classify_composite(arch: str, cls: str, sp_group: Any, base: dict[str, Any] | None = None) -> Verdict:
     """One image-text-to-text architecture on every rank of ``sp_group``: a text-only batch, then
-    the image batch, under SP against the untouched tiny build. Every rank returns the same verdict."""
+    the image batch, under SP against the untouched tiny build (of ``base``, a full-size config dict,
+    when given: the ``check`` command). Every rank returns the same verdict."""
     import torch.distributed as dist
 
     row = Verdict(arch, HEAD, cls, "")
@@ -282,9 +290,9 @@ def classify_composite(arch: str, cls: str, sp_group: Any) -> Verdict:
         return Verdict(arch, HEAD, cls, kind, reason, details or {}, **how)
 
     try:
-        kwargs = image_config_kwargs(arch)
-        ref = build_tiny(arch, cls, **kwargs)
-        model = build_tiny(arch, cls, **kwargs)
+        kwargs = image_config_kwargs(arch, base)
+        ref = build_tiny(arch, cls, base=base, **kwargs)
+        model = build_tiny(arch, cls, base=base, **kwargs)
     except Exception as e:  # noqa: BLE001
         return verdict("untestable", f"tiny config could not be built: {type(e).__name__}: {e}"[:300])
     try:
@@ -293,8 +301,8 @@ def classify_composite(arch: str, cls: str, sp_group: Any) -> Verdict:
             raise FloatingPointError("text")
         loss.backward()
     except Exception:  # noqa: BLE001 - kernels without float64: float32 then (as the text matrix)
-        ref = build_tiny(arch, cls, dtype=torch.float32, **kwargs)
-        model = build_tiny(arch, cls, dtype=torch.float32, **kwargs)
+        ref = build_tiny(arch, cls, dtype=torch.float32, base=base, **kwargs)
+        model = build_tiny(arch, cls, dtype=torch.float32, base=base, **kwargs)
     how = {"dtype": str(next(ref.parameters()).dtype).removeprefix("torch.")}
     note = ""
     if _is_random_in_training(ref, "causal"):
