@@ -9,6 +9,10 @@ for an SP group of ``sp = ulysses × ring`` ranks, sequence ``s``, head dim ``d`
                          + (r-1) · (s/r) · d · 2·Hkv_u            backward: K and V again ...
                          +  r    · (s/r) · d · 2·Hkv_u            ... and their gradient accumulators, r hops
     Hkv_eff = max(Hkv, u),  Hkv_u = Hkv_eff / u                   (KV heads per rank after the exchange)
+    zigzag relayout      = 2 · (s/r) · d · (2·Hq_u + 2·Hkv_u) · (sent share)   (ring_layout="zigzag", causal layers:
+                                                                    Q,K,V in, O back, fwd; their gradients, bwd)
+    the sent share: the fraction of its two halves the busiest ring rank sends (1 for most ranks; a
+    rank keeps a half only where the contiguous and zigzag layouts agree on it).
 
 The cross-node part models ``--nodes`` nodes of ``--per-node`` devices at ``sp = nodes × per_node``
 (ranks numbered node by node): an all-to-all over a Ulysses group that spans nodes sends the
@@ -48,6 +52,21 @@ def modelled_bytes(s: int, sp: int, u: int, hq: int, hkv: int, d: int, elem: int
     return {"all_to_all": a2a, "ring": ring, "total": a2a + ring}
 
 
+def zigzag_bytes(s: int, sp: int, u: int, hq: int, hkv: int, d: int, elem: int) -> float:
+    """Bytes the busiest ring rank sends per causal attention layer (fwd + bwd) to re-lay its ring block
+    out zigzag and back (``ring_layout="zigzag"``; 0 without a ring)."""
+    from lightning_ulysses.parallel.zigzag import contiguous_halves, zigzag_halves
+
+    r = sp // u
+    if r == 1:
+        return 0.0
+    hkv_eff = max(hkv, u)
+    have, want = contiguous_halves(r), zigzag_halves(r)
+    share = max(sum(h not in want[j] for h in have[j]) for j in range(r)) / 2
+    per_direction = (s / r) * d * (2 * hq / u + 2 * hkv_eff / u) * elem * share  # Q, K, V (or dQ, dK, dV) + O (dO)
+    return 2 * per_direction
+
+
 def cross_node_bytes(s: int, nodes: int, per_node: int, u: int, hq: int, hkv: int, d: int,
                      elem: int) -> dict[str, float]:
     """Bytes per attention layer that cross nodes on the busiest rank / link, at ``sp = nodes × per_node``."""
@@ -67,14 +86,14 @@ def cross_node_bytes(s: int, nodes: int, per_node: int, u: int, hq: int, hkv: in
     return {"all_to_all": a2a, "ring_link": ring_link, "crossing_hops": hops_crossing}
 
 
-def _time_split(rank: int, world: int, u: int, args: argparse.Namespace) -> float:
+def _time_split(rank: int, world: int, u: int, args: argparse.Namespace, layout: str = "zigzag") -> float:
     from lightning_ulysses import apply_ulysses
     from lightning_ulysses.parallel.mesh import build_mesh
 
     dims = build_mesh("cpu", world).split(u)
     model = llama(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads)
     groups = {"ring_group": dims.ring_group, "ulysses_group": dims.ulysses_group} if dims.ring_size > 1 else {}
-    handle = apply_ulysses(model, dims.sp_group, **groups)
+    handle = apply_ulysses(model, dims.sp_group, ring_layout=layout, **groups)
     n = args.seq // world
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (1, args.seq), generator=g)[:, rank * n:(rank + 1) * n]
@@ -120,9 +139,11 @@ def main() -> None:
     for u in sorted((u for u in _divisors(sp) if u <= hq and (hq % u == 0)), reverse=True):
         b = modelled_bytes(s, sp, u, hq, hkv, d, elem)
         base = base or b["total"]
+        z = zigzag_bytes(s, sp, u, hq, hkv, d, elem)
         rows.append([f"{u} x {sp // u}", f"{b['all_to_all'] / mib:.1f}", f"{b['ring'] / mib:.1f}",
-                     f"{b['total'] / mib:.1f}", f"{b['total'] / base:.2f}"])
-    print(table(["ulysses x ring", "all-to-all MiB", "ring MiB", "total MiB", "vs pure Ulysses"], rows))
+                     f"{b['total'] / mib:.1f}", f"{b['total'] / base:.2f}", f"{z / mib:.1f}"])
+    print(table(["ulysses x ring", "all-to-all MiB", "ring MiB", "total MiB", "vs pure Ulysses",
+                 "+ zigzag relayout MiB (causal layers)"], rows))
 
     nodes, per = args.nodes, args.per_node
     print(f"\n## Cross-node bytes per attention layer, {nodes} nodes x {per} devices, sp={nodes * per}\n")
@@ -142,11 +163,14 @@ def main() -> None:
     rows = []
     base_t = None
     for u in sorted((u for u in _divisors(world) if args.heads % u == 0), reverse=True):
-        print(f"  timing ulysses={u} x ring={world // u} ...", flush=True)
-        t = launch(_time_split, world, u, args)[0]
-        base_t = base_t or t
-        rows.append([f"{u} x {world // u}", f"{t * 1e3:.0f}", f"{t / base_t:.2f}"])
-    print(table(["ulysses x ring", "step ms", "vs pure Ulysses"], rows))
+        layouts = ("zigzag", "contiguous") if world // u > 1 else ("zigzag",)  # no ring: nothing to re-lay
+        for layout in layouts:
+            print(f"  timing ulysses={u} x ring={world // u} ({layout}) ...", flush=True)
+            t = launch(_time_split, world, u, args, layout)[0]
+            base_t = base_t or t
+            rows.append([f"{u} x {world // u}", layout if world // u > 1 else "-", f"{t * 1e3:.0f}",
+                         f"{t / base_t:.2f}"])
+    print(table(["ulysses x ring", "ring layout", "step ms", "vs pure Ulysses"], rows))
 
 
 if __name__ == "__main__":

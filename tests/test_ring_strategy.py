@@ -38,33 +38,35 @@ class _Split(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.info = _split_info(trainer.strategy)
+        self.info["layouts"] = {h.ring_layout for h in trainer.strategy._handles}
 
 
-def _fit(rank, world, kind, ring, steps):
+def _fit(rank, world, kind, ring, steps, layout="zigzag"):
     lm, split = _lm(), _Split()
     if kind == "fsdp":
-        strategy = UlyssesFSDPStrategy(sp=2, ring=ring)  # dp=2 x (1 x 2)
+        strategy = UlyssesFSDPStrategy(sp=2, ring=ring, ring_layout=layout)  # dp=2 x (1 x 2)
     else:
-        strategy = UlyssesStrategy(sp=4, ring=ring)  # dp=1 x sp=4
+        strategy = UlyssesStrategy(sp=4, ring=ring, ring_layout=layout)  # dp=1 x sp=4
     trainer = pl.Trainer(strategy=strategy, max_steps=steps, callbacks=[split], **trainer_kwargs(devices=world))
     trainer.fit(lm, train_dataloaders=loader(Samples(8, SEQ)))
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in lm.state_dict().items()}
     return lm.step_losses, state, split.info
 
 
-@pytest.mark.parametrize("kind, ring, dp, split", [
-    ("ddp", None, 1, (2, 2)),  # chosen: the largest Ulysses degree the heads allow (2), the rest a ring
-    ("ddp", 4, 1, (1, 4)),  # a pure ring
-    ("fsdp", 2, 2, (1, 2)),  # dp=2 x pure ring of 2, FSDP2
-], ids=["ddp-auto-2x2", "ddp-ring4", "fsdp-dp2-ring2"])
-def test_trainer_fit_beyond_the_head_count_matches_ddp(kind, ring, dp, split):
+@pytest.mark.parametrize("kind, ring, dp, split, layout", [
+    ("ddp", None, 1, (2, 2), "zigzag"),  # chosen: the largest Ulysses degree the heads allow (2), the rest a ring
+    ("ddp", 4, 1, (1, 4), "zigzag"),  # a pure ring, its causal work balanced (the default layout)
+    ("ddp", 4, 1, (1, 4), "contiguous"),  # the same, blocks as the data path cuts them
+    ("fsdp", 2, 2, (1, 2), "zigzag"),  # dp=2 x pure ring of 2, FSDP2
+], ids=["ddp-auto-2x2", "ddp-ring4", "ddp-ring4-contiguous", "fsdp-dp2-ring2"])
+def test_trainer_fit_beyond_the_head_count_matches_ddp(kind, ring, dp, split, layout):
     steps = 3
-    results = run_distributed(_fit, 4, kind, ring, steps, init_pg=False)
+    results = run_distributed(_fit, 4, kind, ring, steps, layout, init_pg=False)
     ref = _lm()
     ref_losses = reference_fit(ref, Samples(8, SEQ), steps, dp=dp)
     sp = 4 // dp
     for rank, (losses, state, info) in enumerate(results):
-        assert (info["ulysses"], info["ring"]) == split
+        assert (info["ulysses"], info["ring"]) == split and info["layouts"] == {layout}
         assert info["mesh"] == ((dp, split[1], split[0]), ("dp", "ring", "ulysses"))
         # each rank logs its own SP group's loss: the replica-mean of the reference needs dp=1 here
         if dp == 1:

@@ -56,6 +56,7 @@ from .whole_sequence import CACHE_ARGUMENTS, apply_whole_sequence
 
 IGNORE_INDEX = -100
 PackedDocuments = Literal["refuse", "split"]
+RingLayout = Literal["zigzag", "contiguous"]
 _MISSING = object()
 _ids = itertools.count()
 
@@ -96,9 +97,11 @@ class UlyssesHandle:
     def __init__(self, model: nn.Module, group: ProcessGroup, eval_mode: Literal["sp", "bypass"] = "sp",
                  overlap_chunks: int = 1, debug_skip_attention: bool = False,
                  packed_documents: PackedDocuments = "refuse", ring_group: ProcessGroup | None = None,
-                 ulysses_group: ProcessGroup | None = None, vision_sp: bool = False) -> None:
+                 ulysses_group: ProcessGroup | None = None, vision_sp: bool = False,
+                 ring_layout: RingLayout = "zigzag") -> None:
         if eval_mode not in ("sp", "bypass"):
             raise ValueError(f"eval_mode must be 'sp' or 'bypass', got {eval_mode!r}.")
+        self.ring_layout = check_ring_layout(ring_layout)
         self.packed_documents = check_packed_documents(packed_documents)
         if not dist.is_initialized():
             raise RuntimeError("apply_ulysses needs torch.distributed to be initialised (the SP group's world).")
@@ -420,7 +423,8 @@ class UlyssesHandle:
             elif shift is None or mask is not None:
                 call["shift_labels"] = local
         ctx = ForwardContext(self.group, self.sp_rank, self.sp_size, s_local, metadata, num_valid,
-                             ulysses_group=self.ulysses_group, ring_group=self.ring_group, ring_size=self.ring_size)
+                             ulysses_group=self.ulysses_group, ring_group=self.ring_group, ring_size=self.ring_size,
+                             ring_layout=self.ring_layout)
         call[CONTEXT_KWARG] = ctx
         return ctx, targets
 
@@ -480,6 +484,13 @@ class UlyssesHandle:
         return sp_mean(local_sum, total, ctx.group)
 
 
+def check_ring_layout(value: str) -> str:
+    """``value`` if it names a ring layout (``"zigzag"`` or ``"contiguous"``), else a ValueError."""
+    if value not in ("zigzag", "contiguous"):
+        raise ValueError(f"ring_layout must be 'zigzag' or 'contiguous', got {value!r}.")
+    return value
+
+
 def _split_sizes(sp_size: int, ring_group: ProcessGroup | None,
                  ulysses_group: ProcessGroup | None) -> tuple[int, int]:
     """``(ring, ulysses)`` sizes of an SP group split by these groups (``(1, sp)`` without a ring)."""
@@ -533,6 +544,7 @@ def apply_ulysses(
     model: nn.Module, sp_group: ProcessGroup, *, eval_mode: Literal["sp", "bypass"] = "sp", overlap_chunks: int = 1,
     debug_skip_attention: bool = False, packed_documents: PackedDocuments = "refuse",
     ring_group: ProcessGroup | None = None, ulysses_group: ProcessGroup | None = None, vision_sp: bool = False,
+    ring_layout: RingLayout = "zigzag",
 ) -> UlyssesHandle:
     """Apply Ulysses sequence parallelism to a HuggingFace ``PreTrainedModel`` in place.
 
@@ -581,6 +593,13 @@ def apply_ulysses(
             (:mod:`.vision_sp`), exact like the replicated tower, with its time and activation
             memory divided by up to ``sp``. Where the model's encoder call has another form, its
             images are encoded replicated, with a warning saying why. No effect on text models.
+        ring_layout: under a ring, ``"zigzag"`` (default) moves each causal layer's ring blocks into
+            the causal-balanced layout (ring rank ``j`` holds halves ``j`` and ``2R-1-j`` of the
+            sequence) for ring attention and back after it, one all-to-all of half blocks on the ring
+            group each way (:mod:`lightning_ulysses.parallel.zigzag`), so that every ring rank computes
+            the same number of block pairs; ``"contiguous"`` keeps the blocks as the data path cuts them.
+            Same results. Layers with a sliding window or bidirectional attention, and ring blocks of
+            odd length, always run contiguous. No effect without a ring.
 
     Raises:
         UnsupportedModelError: the model cannot run exactly under SP (README, "Supported models"):
@@ -590,4 +609,5 @@ def apply_ulysses(
     """
     return UlyssesHandle(model, sp_group, eval_mode=eval_mode, overlap_chunks=overlap_chunks,
                          debug_skip_attention=debug_skip_attention, packed_documents=packed_documents,
-                         ring_group=ring_group, ulysses_group=ulysses_group, vision_sp=vision_sp)
+                         ring_group=ring_group, ulysses_group=ulysses_group, vision_sp=vision_sp,
+                         ring_layout=ring_layout)

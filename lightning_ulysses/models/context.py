@@ -37,15 +37,19 @@ class ForwardContext:
             and this rank's index there (``sp_rank % ulysses``).
         ring_group / ring_rank / ring_size: the ranks that pass key/value blocks around (``None``,
             0 and 1 without a ring); ring rank ``sp_rank // ulysses``.
+        ring_layout: ``"zigzag"``: causal layers re-lay their ring blocks out balanced
+            (:mod:`lightning_ulysses.parallel.zigzag`) around ring attention; ``"contiguous"``: not.
     """
 
     __slots__ = ("group", "sp_rank", "sp_size", "local_len", "metadata", "num_valid", "attention_calls",
-                 "loss_calls", "gathered", "ulysses_group", "ulysses_rank", "ring_group", "ring_rank", "ring_size")
+                 "loss_calls", "gathered", "ulysses_group", "ulysses_rank", "ring_group", "ring_rank", "ring_size",
+                 "ring_layout")
 
     def __init__(self, group: ProcessGroup, sp_rank: int, sp_size: int, local_len: int,
                  metadata: SequenceMetadata, num_valid: Tensor | int,
                  ulysses_group: ProcessGroup | None = None, ring_group: ProcessGroup | None = None,
-                 ring_size: int = 1) -> None:
+                 ring_size: int = 1, ring_layout: str = "zigzag") -> None:
+        self.ring_layout = ring_layout
         self.ulysses_group = ulysses_group if ulysses_group is not None else group
         self.ring_group = ring_group
         self.ring_size = ring_size

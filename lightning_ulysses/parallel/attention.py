@@ -343,19 +343,31 @@ def _ring_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     ``ctx.ring_rank`` — tokens ``[j*seq/ring, (j+1)*seq/ring)``, since SP ranks ``j*ulysses ..
     (j+1)*ulysses - 1`` hold consecutive chunks — for ``Hq/ulysses`` heads.
     """
-    from .ring import contiguous_indices, ring_attention
+    from .ring import contiguous_indices, ring_attention, zigzag_indices
+    from .zigzag import contiguous_halves, relayout, zigzag_halves
 
     check_ring_kwargs(module, kwargs)
     q, k, v = heads_from_sequence([query, key, value], ctx.ulysses_group)
     if skip:
         out = _debug_skipped_attention(q, k, v, layout.local_kv_groups)
     else:
-        seq = metadata.seq_len
-        index = [contiguous_indices(seq, ctx.ring_size, j).to(q.device) for j in range(ctx.ring_size)]
+        seq, ring = metadata.seq_len, ctx.ring_size
+        # the balanced layout pays off for causal attention over the whole row; a window already
+        # gives every block the same work (module docstring of parallel/zigzag.py)
+        zigzag = ctx.ring_layout == "zigzag" and causal and sliding_window is None and seq % (2 * ring) == 0
+        if zigzag:  # Q, K, V in one exchange: [b, s_blk, heads * head_dim] side by side (GQA, MLA sizes)
+            parts = [x.transpose(1, 2).flatten(2) for x in (q, k, v)]
+            moved = relayout(torch.cat(parts, dim=-1), 1, contiguous_halves(ring), zigzag_halves(ring),
+                             ctx.ring_group).split([x.shape[-1] for x in parts], dim=-1)
+            q, k, v = (m.unflatten(2, (x.shape[1], x.shape[3])).transpose(1, 2) for m, x in zip(moved, (q, k, v)))
+        cut = zigzag_indices if zigzag else contiguous_indices
+        index = [cut(seq, ring, j).to(q.device) for j in range(ring)]
         with torch.profiler.record_function("ulysses/attention/ring"):
             out = ring_attention(q, k, v, group=ctx.ring_group, metadata=metadata, token_index=index, causal=causal,
                                  sliding_window=sliding_window, scaling=kwargs.get("scaling"),
                                  softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+        if zigzag:
+            out = relayout(out, 1, zigzag_halves(ring), contiguous_halves(ring), ctx.ring_group)
     return sequence_from_heads(out, ctx.ulysses_group)
 
 

@@ -39,7 +39,7 @@ from ...parallel.attention import check_overlap_chunks
 from ...parallel.comm import gather_sequence
 from ..checkpoint_io import remove_marker, resolve_for_load, safe_unpickling, write_atomically
 from ..data import FINGERPRINT_KEY, ShardingCollate, fingerprint_mismatch
-from ...models.apply import UlyssesHandle, apply_ulysses, check_packed_documents, find_hf_models
+from ...models.apply import UlyssesHandle, apply_ulysses, check_packed_documents, check_ring_layout, find_hf_models
 from ...models.preflight import check_backend_available, check_backend_trains, choose_model_split
 from ...parallel.mesh import ParallelDims, build_mesh, validate_sp, warn_if_sp_spans_nodes
 from ...losses.objectives import is_sp_reduced, register_group_source
@@ -86,7 +86,8 @@ class UlyssesMixin:
                       overlap_chunks: int = 1, predict_mode: str = "bypass", check_loss: bool = True,
                       debug_skip_attention: bool = False, packed_documents: str = "refuse",
                       batch_axes: dict[str, int | None] | None = None, ring: int | None = None,
-                      vision_sp: bool = False) -> None:
+                      vision_sp: bool = False, ring_layout: str = "zigzag") -> None:
+        self._ring_layout = check_ring_layout(ring_layout)  # passed to every apply_ulysses
         if ring is not None and (not isinstance(ring, int) or isinstance(ring, bool) or ring < 1):
             raise ValueError(f"ring must be a positive integer or None, got {ring!r}.")
         self._ring_requested = ring
@@ -350,7 +351,7 @@ class UlyssesMixin:
         handles = [
             apply_ulysses(m, self.sp_group, eval_mode=eval_mode, overlap_chunks=self._overlap_chunks,
                           debug_skip_attention=self._debug_skip_attention, packed_documents=self._packed_documents,
-                          vision_sp=self._vision_sp, **groups)
+                          vision_sp=self._vision_sp, ring_layout=self._ring_layout, **groups)
             for m in models
         ]
         if self._unregister_group is None:

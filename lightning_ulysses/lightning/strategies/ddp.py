@@ -59,6 +59,10 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
             may exceed the heads); ``ring=sp`` is a pure ring, ``ring=1`` pure Ulysses.
         vision_sp: split a vision-language model's images over the SP ranks (each encodes its share,
             the features are all-gathered; :func:`~lightning_ulysses.apply_ulysses`). Default ``False``.
+        ring_layout: under a ring, ``"zigzag"`` (default) re-lays each causal layer's ring blocks out
+            so that every ring rank computes the same share of the causal attention (one all-to-all of
+            half blocks on the ring group each way); ``"contiguous"`` keeps the data path's blocks.
+            Same results (:func:`~lightning_ulysses.apply_ulysses`).
 
     The LightningModule sees the mesh as ``self.device_mesh``; the strategy exposes ``sp_group``,
     ``dp_group``, ``sp_rank``, ``dp_rank``, ``sp_size`` and ``dp_size``, and for the split ``ring_group``,
@@ -87,6 +91,7 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
         vision_sp: bool = False,
+        ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
     ) -> None:
         super().__init__(
             process_group_backend=process_group_backend,
@@ -99,7 +104,7 @@ class UlyssesStrategy(TrainerCheckpointsMixin, UlyssesMixin, DDPStrategy):
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention,
                            packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
-                           vision_sp=vision_sp)
+                           vision_sp=vision_sp, ring_layout=ring_layout)
 
     @override
     def _configure_launcher(self) -> None:

@@ -141,6 +141,8 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
             :class:`~lightning_ulysses.UlyssesStrategy`.
         vision_sp: split a vision-language model's images over the SP ranks, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        ring_layout: the ring blocks' layout for causal attention (``"zigzag"``: balanced), as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
         accelerator: set by Fabric from ``Fabric(accelerator=...)``.
         parallel_devices: set by Fabric from ``Fabric(devices=...)``.
         cluster_environment: set by Fabric (detected, or from ``Fabric(plugins=...)``).
@@ -175,6 +177,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
         vision_sp: bool = False,
+        ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -185,7 +188,7 @@ class UlyssesFabricStrategy(FabricUlyssesMixin, DDPStrategy):
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
                            debug_skip_attention=debug_skip_attention,
                            packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
-                           vision_sp=vision_sp)
+                           vision_sp=vision_sp, ring_layout=ring_layout)
 
     @override
     def _configure_launcher(self) -> None:
@@ -253,6 +256,8 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
             :class:`~lightning_ulysses.UlyssesStrategy`.
         vision_sp: split a vision-language model's images over the SP ranks, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        ring_layout: the ring blocks' layout for causal attention (``"zigzag"``: balanced), as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     _sharded_checkpoints = True  # every rank writes its shards
@@ -277,6 +282,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
         vision_sp: bool = False,
+        ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
     ) -> None:
         super().__init__(parallelize_fn=self._parallelize, save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -285,7 +291,7 @@ class UlyssesFSDPFabricStrategy(FSDPShardingMixin, FabricUlyssesMixin, ModelPara
         self._init_ulysses(sp, "sp", check_batches, overlap_chunks, check_loss=check_loss,
                            debug_skip_attention=debug_skip_attention,
                            packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
-                           vision_sp=vision_sp)
+                           vision_sp=vision_sp, ring_layout=ring_layout)
 
     @override
     def _configure_launcher(self) -> None:

@@ -169,6 +169,8 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
             :class:`~lightning_ulysses.UlyssesStrategy`.
         vision_sp: split a vision-language model's images over the SP ranks, as in
             :class:`~lightning_ulysses.UlyssesStrategy`.
+        ring_layout: the ring blocks' layout for causal attention (``"zigzag"``: balanced), as in
+            :class:`~lightning_ulysses.UlyssesStrategy`.
     """
 
     strategy_name = "ulysses_fsdp"
@@ -197,6 +199,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
         batch_axes: dict[str, int | None] | None = None,
         ring: int | None = None,
         vision_sp: bool = False,
+        ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
     ) -> None:
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
@@ -206,7 +209,7 @@ class UlyssesFSDPStrategy(FSDPShardingMixin, TrainerCheckpointsMixin, UlyssesMix
         self._init_ulysses(sp, eval_mode, check_batches, overlap_chunks, predict_mode, check_loss,
                            debug_skip_attention=debug_skip_attention,
                            packed_documents=packed_documents, batch_axes=batch_axes, ring=ring,
-                           vision_sp=vision_sp)
+                           vision_sp=vision_sp, ring_layout=ring_layout)
 
     @override
     def _configure_launcher(self) -> None:
