@@ -43,9 +43,18 @@ def reason_class(message: str) -> str:
 
 
 def _named(model: nn.Module, message: str) -> nn.Module | None:
-    """The module a message names (``module 'a.b.c'`` / ``attention module 'a.b.c'``)."""
+    """The module a message names (``module 'a.b.c'`` / ``attention module 'a.b.c'``), by its path in
+    ``model`` or, for a path inside a submodule (a composite's language model: ``Lfm3Model: module
+    'layers.0.conv.conv'``), in the one submodule whose path ends so."""
     found = re.search(r"module '([^']+)'", message)
-    return dict(model.named_modules()).get(found.group(1)) if found else None
+    if not found:
+        return None
+    modules = dict(model.named_modules())
+    path = found.group(1)
+    if path in modules:
+        return modules[path]
+    inside = [m for name, m in modules.items() if name.endswith("." + path)]
+    return inside[0] if len(inside) == 1 else None
 
 
 def _interface_calls(model: nn.Module, within: nn.Module | None = None) -> int:
