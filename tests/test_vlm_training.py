@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lightning_ulysses import UlyssesFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
+from lightning_ulysses import TiledLossCallback, UlyssesFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
 from tests.distributed import assert_close_rel, run_distributed
 from tests.lightning_setup import trainer_kwargs
 from lightning_ulysses.models.analysis import UnsupportedModelError
@@ -70,14 +70,15 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _trainer_fit(rank, world, name, sp, vision_sp=False, fsdp=False, counts=IMAGE_COUNTS):
+def _trainer_fit(rank, world, name, sp, vision_sp=False, fsdp=False, counts=IMAGE_COUNTS, tiled=False):
     lm, logged = VLM(name), _Logged()
+    callbacks = [logged, TiledLossCallback(shards=3, tile_mlp=True, mlp_shards=2)] if tiled else [logged]
     if fsdp:  # FSDP2 over the DP x SP mesh: no unused-parameter flag (a text-only batch reduces zeros)
         strategy = UlyssesFSDPStrategy(sp=sp, vision_sp=vision_sp)
     else:
         strategy = UlyssesStrategy(sp=sp, find_unused_parameters=True, vision_sp=vision_sp)
     trainer = pl.Trainer(strategy=strategy, max_steps=STEPS,
-                         callbacks=[logged], **trainer_kwargs(devices=world))
+                         callbacks=callbacks, **trainer_kwargs(devices=world))
     trainer.fit(lm, train_dataloaders=_loader(name, shuffled_over=world // sp, counts=counts))
     assert lm.model.config.get_text_config()._attn_implementation == "sdpa", "Ulysses left behind after fit"
     if fsdp:
@@ -221,6 +222,20 @@ def test_fsdp_refuses_a_step_with_images_on_some_ranks_only():
     errors = run_distributed(_fsdp_mixed_step, 4, init_pg=False)
     assert all(e and "images on 2 rank(s) and none on 2" in e and "find_unused_parameters=True" in e
                for e in errors), errors
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_tiled_loss_and_mlp_with_images_match_ddp(name):
+    # TiledLossCallback (loss in 3 tiles per chunk, decoder MLPs in 2) on images, mixed and text-only batches.
+    # (Gemma 3 / LLaVA: their SigLIP / CLIP first layer norm gets an update ~1e-2 of the largest from
+    # cancelling terms, whose float32 rounding moves with the loss's summation order: 5e-5 relative with
+    # the tiles, 8e-8 in float64 — not a bound this test can hold them to.)
+    if _known_qwen3_vl_gap(name):
+        with pytest.raises(RuntimeError, match="computed its loss without `self.loss_function`"):
+            run_distributed(_trainer_fit, 2, name, 2, False, False, IMAGE_COUNTS, True, init_pg=False)
+        return
+    results = run_distributed(_trainer_fit, 2, name, 2, False, False, IMAGE_COUNTS, True, init_pg=False)
+    _assert_matches(results, name, 1, 2, shuffled=True)
 
 
 def test_vision_sp_under_fabric_matches_ddp():

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..parallel.masks import SequenceMetadata
 from .context import ForwardContext
-from .patching import add_forward_wrapper, bind_call, remove_forward_wrapper
+from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
 from .source import source_of
 
 # The sub-configs a supported composite may have: its language model's and its vision tower's.
@@ -148,7 +148,7 @@ def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:
             "only composites whose language model is a backbone (the head on the outer model) are supported."
         )
     _check_language_model_call(model, lm_name)
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(base_forward(model)).parameters  # under any wrapper (the tiled loss)
     if "input_ids" not in params or "position_ids" not in params:
         raise _unsupported(f"{name}.forward takes no input_ids / position_ids; not supported under SP.")
     outer = [m for n, m in model.named_modules() if m is model or (lm_name.startswith(n + ".") and n)]
