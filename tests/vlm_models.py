@@ -202,6 +202,29 @@ def qwen_video_batch(frames_apart: bool) -> dict[str, torch.Tensor]:
     return batch
 
 
+def known_qwen3_vl_gap(name: str) -> bool:
+    """Under the minimum transformers (5.14) Qwen3-VL's labelled forward is refused: the handle does not
+    see its loss call there (README, "Vision-language models", a known gap)."""
+    import transformers
+    from packaging.version import Version
+
+    return name == "qwen3_vl" and Version(transformers.__version__) < Version("5.23")
+
+
+def run_or_expect_gap(fn, world: int, name: str, *args, **kwargs):
+    """``run_distributed(fn, world, name, *args)``; where :func:`known_qwen3_vl_gap` holds, assert that the
+    run is refused with the handle's error instead and return ``None``."""
+    import pytest
+
+    from tests.distributed import run_distributed
+
+    if known_qwen3_vl_gap(name):
+        with pytest.raises(RuntimeError, match="computed its loss without `self.loss_function`"):
+            run_distributed(fn, world, name, *args, **kwargs)
+        return None
+    return run_distributed(fn, world, name, *args, **kwargs)
+
+
 # name: (builder, batch family)
 MODELS = {"qwen2_vl": (qwen2_vl, "qwen"), "qwen2_5_vl": (qwen2_5_vl, "qwen"),
           "qwen3_vl": (qwen3_vl, "qwen"), "llava": (llava, "llava"),
