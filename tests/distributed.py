@@ -27,3 +27,17 @@ def grad_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a = actual.detach().double().flatten()
     e = expected.detach().double().flatten()
     return (a @ e / (e @ e)).item()
+
+
+def assert_sp_grads(model: torch.nn.Module, ref: torch.nn.Module, group, sp: int, what: str) -> None:
+    """Every parameter gradient of ``model`` (run under SP), summed over the SP ``group`` and divided by
+    ``sp`` (what DDP's average over dp x sp ranks does), equals ``ref``'s to 1e-5 relative, and its ratio
+    to it is 1 (so a factor-of-sp error cannot hide)."""
+    import torch.distributed as dist
+
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g, group=group)
+        g /= sp
+        assert_close_rel(g, q.grad, name=f"{what} {name}")
+        assert abs(grad_ratio(g, q.grad) - 1) < 1e-5, f"{what} {name}"

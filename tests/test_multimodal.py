@@ -11,8 +11,8 @@ import torch
 from lightning_ulysses import apply_ulysses
 from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_model
 from tests.distributed import run_distributed
-from tests.vlm_models import (MODELS, TEXT, compare_sp_step, pad_left, qwen2_vl, qwen_video_batch, run_or_expect_gap,
-                              vlm_batch)
+from tests.vlm_models import (MODELS, SEQ, TEXT, compare_sp_step, pad_left, qwen2_vl, qwen_video_batch,
+                              run_or_expect_gap, vlm_batch)
 
 
 def _parity(rank, world, name, sp):
@@ -47,6 +47,32 @@ def test_vision_language_parity(name, sp):
     # the image batch reaches every component's gradient; the text-only batch the language model's
     assert compared[True] == components == compared["left-padded"], (compared, components)
     assert "language_model" in compared[False], compared
+
+
+def _odd_length(rank, world, name):
+    from lightning_ulysses.parallel.mesh import build_mesh
+
+    build, family = MODELS[name]
+    dims = build_mesh("cpu", world)
+    torch.manual_seed(0)
+    ref = build().float()
+    torch.manual_seed(0)
+    model = build().float()
+    handle = apply_ulysses(model, dims.sp_group)
+    # 30 tokens at sp 4: shard_batch pads the rows to 32 (the images stay inside the first 30)
+    batch = {k: v[:, :30] if k != "pixel_values" and v.dim() == 2 and v.shape[1] == SEQ else v
+             for k, v in vlm_batch(family, True).items()}
+    compared = compare_sp_step(model, ref, batch, dims, world, f"{name} 30 tokens at sp {world}")
+    handle.remove()
+    return compared
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rows_whose_length_is_not_a_multiple_of_sp(name):
+    results = run_or_expect_gap(_odd_length, 4, name)
+    if results is None:  # the known Qwen3-VL gap under the minimum transformers
+        return
+    assert "language_model" in results[0], results[0]
 
 
 def _video_parity(rank, world, name, sp):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lightning_ulysses import apply_ulysses, shard_batch
 from lightning_ulysses.parallel.mesh import build_mesh, choose_split
 from lightning_ulysses.models.analysis import UnsupportedModelError
-from tests.distributed import assert_close_rel, grad_ratio, run_distributed
+from tests.distributed import assert_close_rel, assert_sp_grads, run_distributed
 from tests.models import tiny_model, tokens
 
 SEQ = 32
@@ -76,12 +75,7 @@ def _one_case(dims, name: str, kind: str, seed: int) -> None:
     assert torch.isfinite(out.logits).all(), f"{what}: non-finite logits"
     assert_close_rel(out.logits[real], ref_out.logits[:, lo:lo + chunk][real], name=f"{what} logits")
     assert_close_rel(out.loss, ref_out.loss, name=f"{what} loss")
-    for (pname, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=dims.sp_group)
-        grad /= sp
-        assert_close_rel(grad, p_ref.grad, name=f"{what} {pname}")
-        assert abs(grad_ratio(grad, p_ref.grad) - 1) < 1e-5, f"{what} {pname}"
+    assert_sp_grads(model, ref, dims.sp_group, sp, what)
     handle.remove()
 
 

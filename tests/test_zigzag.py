@@ -13,7 +13,7 @@ from lightning_ulysses import apply_ulysses, shard_batch
 from lightning_ulysses.parallel.mesh import build_mesh
 from lightning_ulysses.parallel.ring import contiguous_indices, record_ring_stats, zigzag_indices
 from lightning_ulysses.parallel.zigzag import contiguous_halves, relayout, zigzag_halves
-from tests.distributed import assert_close_rel, grad_ratio, run_distributed
+from tests.distributed import assert_close_rel, assert_sp_grads, run_distributed
 from tests.test_ring_sp import SEQ, _batch, _model
 
 
@@ -61,12 +61,7 @@ def _work(rank, world, kind):
         real = batch.get("attention_mask", torch.ones(2, SEQ, dtype=torch.long))[:, lo:lo + chunk].bool()
         assert_close_rel(out.logits[real], ref_out.logits[:, lo:lo + chunk][real], name=f"{what} logits")
         assert_close_rel(out.loss, ref_out.loss, name=f"{what} loss")
-        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-            g = p.grad.clone()
-            dist.all_reduce(g, group=dims.sp_group)
-            g /= world
-            assert_close_rel(g, q.grad, name=f"{what} {name}")
-            assert abs(grad_ratio(g, q.grad) - 1) < 1e-5, f"{what} {name}"
+        assert_sp_grads(model, ref, dims.sp_group, world, what)
         scores[layout] = stats.scores_computed
         handle.remove()
     return scores
