@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_ulysses import UlyssesFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
+from lightning_ulysses import TiledLossCallback, UlyssesFabricStrategy, UlyssesFSDPStrategy, UlyssesStrategy
 from tests.distributed import assert_close_rel, grad_ratio, run_distributed
 from tests.lightning_setup import LM, Samples, loader, reference_fit, trainer_kwargs
 from tests.models import tiny_model
@@ -43,11 +43,14 @@ class _Split(pl.Callback):
 
 def _fit(rank, world, kind, ring, steps, layout="zigzag"):
     lm, split = _lm(), _Split()
+    callbacks = [split]
+    if kind == "ddp-tiled":  # the loss in tiles and the MLPs tiled along the sequence, over a ring
+        callbacks.append(TiledLossCallback(shards=2, tile_mlp=True, mlp_shards=2))
     if kind == "fsdp":
         strategy = UlyssesFSDPStrategy(sp=2, ring=ring, ring_layout=layout)  # dp=2 x (1 x 2)
     else:
         strategy = UlyssesStrategy(sp=4, ring=ring, ring_layout=layout)  # dp=1 x sp=4
-    trainer = pl.Trainer(strategy=strategy, max_steps=steps, callbacks=[split], **trainer_kwargs(devices=world))
+    trainer = pl.Trainer(strategy=strategy, max_steps=steps, callbacks=callbacks, **trainer_kwargs(devices=world))
     trainer.fit(lm, train_dataloaders=loader(Samples(8, SEQ)))
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in lm.state_dict().items()}
     return lm.step_losses, state, split.info
@@ -57,8 +60,9 @@ def _fit(rank, world, kind, ring, steps, layout="zigzag"):
     ("ddp", None, 1, (2, 2), "zigzag"),  # chosen: the largest Ulysses degree the heads allow (2), the rest a ring
     ("ddp", 4, 1, (1, 4), "zigzag"),  # a pure ring, its causal work balanced (the default layout)
     ("ddp", 4, 1, (1, 4), "contiguous"),  # the same, blocks as the data path cuts them
+    ("ddp-tiled", 4, 1, (1, 4), "zigzag"),  # with TiledLossCallback (loss tiles, tiled MLPs)
     ("fsdp", 2, 2, (1, 2), "zigzag"),  # dp=2 x pure ring of 2, FSDP2
-], ids=["ddp-auto-2x2", "ddp-ring4", "ddp-ring4-contiguous", "fsdp-dp2-ring2"])
+], ids=["ddp-auto-2x2", "ddp-ring4", "ddp-ring4-contiguous", "ddp-ring4-tiled", "fsdp-dp2-ring2"])
 def test_trainer_fit_beyond_the_head_count_matches_ddp(kind, ring, dp, split, layout):
     steps = 3
     results = run_distributed(_fit, 4, kind, ring, steps, layout, init_pg=False)
