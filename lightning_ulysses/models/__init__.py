@@ -14,5 +14,6 @@
 * :mod:`.multimodal` — vision-language models: images encoded and merged on the full row, then sharded;
 * :mod:`.vision_sp` — a batch's images encoded split over the SP ranks and all-gathered;
 * :mod:`.patching` — reversible, ordered wrappers around one model's ``forward``;
+* :mod:`.source` — the source text the analysis reads, each model file parsed once;
 * :mod:`.debug` — the ``debug_skip_attention`` stand-in.
 """

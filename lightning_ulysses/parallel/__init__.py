@@ -8,7 +8,8 @@
 * :mod:`.segments` — attention split into the segments that can interact (packed rows, windows);
 * :mod:`.ring` — the exact ring-attention kernel (K/V blocks passed round a ring group, log-sum-exp
   merge, block pairs that cannot interact skipped) and its token layouts;
-* :mod:`.uneven` — the differentiable all-gather of shares of different sizes (``vision_sp``).
+* :mod:`.uneven` — the differentiable all-gather of shares of different sizes (``vision_sp``);
+* :mod:`.zigzag` — the ring blocks' causal-balanced layout, reached by one exchange on the ring group.
 """
 
 from .ring import RingStats, contiguous_indices, record_ring_stats, ring_attention, zigzag_indices
