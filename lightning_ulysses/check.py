@@ -98,16 +98,18 @@ def resolve(spec: str) -> Target:
                      "installed transformers")
 
 
-def analyse(target: Target, sp: int) -> str | None:
-    """``None`` when the analysis accepts the model at ``sp``, else the refusal reason. The model is
-    built on the meta device at full size (a config file) or from the tiny default config (a model
-    type), so its real head counts decide which ``sp`` fits."""
+def analyse(target: Target, sp: int) -> tuple[str | None, tuple[int, int]]:
+    """``(refusal reason or None, (ulysses, ring))``: whether the analysis accepts the model at ``sp``,
+    split as the strategies split it (``ring=None``: the largest Ulysses degree the heads allow, the
+    rest of ``sp`` a ring). The model is built on the meta device at full size (a config file) or from
+    the tiny default config (a model type), so its real head counts decide the split."""
     import torch
     import transformers
     from transformers import AutoConfig
 
     from .models.analysis import UnsupportedModelError, analyse_model
-    from .parallel.attention import HeadLayout
+    from .models.apply import check_ring_plan
+    from .models.preflight import choose_model_split
     from .support.configs import build_tiny
 
     if target.config is None:
@@ -118,39 +120,63 @@ def analyse(target: Target, sp: int) -> str | None:
         config._attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
         with torch.device("meta"):
             model = cls(config)
+    split = (sp, 1)
     try:
-        analyse_model(model, sp)
-        text = getattr(model.config, "text_config", None) or model.config
-        heads = getattr(text, "num_attention_heads", None)
-        if isinstance(heads, int) and heads > 0:
-            HeadLayout.validate(heads, getattr(text, "num_key_value_heads", None) or heads, sp)
+        split = choose_model_split([model], sp, sp)
+        plan = analyse_model(model, split[0])  # the heads are shared by the Ulysses ranks only
+        if split[1] > 1:
+            check_ring_plan(model, plan, overlap_chunks=1)
     except (UnsupportedModelError, ValueError) as e:
-        return str(e)
-    return None
+        return str(e), split
+    return None, split
 
 
-def _parity_worker(rank: int, world: int, target: Target) -> Any:
+def _tiny_split(target: Target, sp: int) -> tuple[int, int]:
+    """``(ulysses, ring)`` of the tiny random build ``--run`` compares, chosen as the strategies
+    choose (:func:`~lightning_ulysses.models.preflight.choose_model_split`)."""
+    import torch
+
+    from .models.preflight import choose_model_split
+    from .support.configs import build_tiny
+    from .support.images import image_config_kwargs
+
+    extra = image_config_kwargs(target.model_type, target.config) if target.head == "image-text-to-text" else {}
+    tiny = build_tiny(target.model_type, target.cls, dtype=torch.float32, base=target.config, **extra)
+    return choose_model_split([tiny], sp, sp)
+
+
+def _split_text(split: tuple[int, int]) -> str:
+    return f" as ulysses {split[0]} x ring {split[1]}" if split[1] > 1 else ""
+
+
+def _parity_worker(rank: int, world: int, target: Target, ulysses: int) -> Any:
     import warnings
 
     import torch.distributed as dist
 
+    from .parallel.mesh import build_mesh
     from .support.images import classify_composite
     from .support.parity import classify
 
     warnings.filterwarnings("ignore")  # deprecation noise of tiny configs; the verdict is what counts
+    groups = None
+    if ulysses < world:  # the split the analysis chose: its ring and Ulysses groups
+        dims = build_mesh("cpu", world).split(ulysses)
+        groups = {"ring_group": dims.ring_group, "ulysses_group": dims.ulysses_group}
     if target.head == "image-text-to-text":  # a text batch and an image batch across the chunk border
-        return classify_composite(target.model_type, target.cls, dist.group.WORLD, base=target.config)
-    return classify(target.model_type, target.head, target.cls, dist.group.WORLD, base=target.config)
+        return classify_composite(target.model_type, target.cls, dist.group.WORLD, base=target.config, groups=groups)
+    return classify(target.model_type, target.head, target.cls, dist.group.WORLD, base=target.config, groups=groups)
 
 
-def run_parity(target: Target, sp: int, timeout: float = 300.0) -> Any:
+def run_parity(target: Target, sp: int, timeout: float = 300.0, ulysses: int | None = None) -> Any:
     """The support matrix's verdict (:class:`~lightning_ulysses.support.parity.Verdict`) for a tiny
-    random build of ``target`` at ``sp`` (``sp`` CPU processes, gloo)."""
+    random build of ``target`` at ``sp`` (``sp`` CPU processes, gloo), split as ``ulysses x
+    (sp / ulysses)`` ring (default: pure Ulysses)."""
     import datetime
 
     from .support.runner import run_distributed
 
-    return run_distributed(_parity_worker, sp, target, timeout=timeout,
+    return run_distributed(_parity_worker, sp, target, ulysses or sp, timeout=timeout,
                            pg_timeout=datetime.timedelta(seconds=60))[0]
 
 
@@ -195,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        refusal = analyse(target, args.sp)
+        refusal, split = analyse(target, args.sp)
     except Exception as e:  # noqa: BLE001 - the config cannot even be built: say so, not a traceback
         print(f"error: {target.cls} could not be built from {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -204,15 +230,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"refused: {refusal}")
         return EXIT_REFUSED
     if not args.run:
-        print(f"supported: {name} at sp={args.sp} (structural analysis; --run compares a tiny random build)")
+        print(f"supported: {name} at sp={args.sp}{_split_text(split)} (structural analysis; --run compares a tiny "
+              "random build)")
         return EXIT_OK
     try:
-        verdict = run_parity(target, args.sp)
+        # the tiny build keeps the head ratio, not the counts: it is split as the strategies would split it
+        split = _tiny_split(target, args.sp)
+    except ValueError as e:
+        print(f"error: the tiny random build cannot run at sp={args.sp}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        verdict = run_parity(target, args.sp, ulysses=split[0])
     except RuntimeError as e:
         print(f"error: the SP run failed: {e}", file=sys.stderr)
         return EXIT_ERROR
     errors = ", ".join(f"{k} {v:.1e}" for k, v in worst_errors(verdict.details).items())
-    line = f"{verdict.verdict}: {name} at sp={args.sp}, tiny random build in {verdict.dtype}"
+    line = f"{verdict.verdict}: {name} at sp={args.sp}{_split_text(split)}, tiny random build in {verdict.dtype}"
     if verdict.reason:
         line += f" ({verdict.reason})" if verdict.verdict == "exact" else f": {verdict.reason}"
     print(line)

@@ -72,10 +72,22 @@ def test_config_file_and_directory_are_analysed_at_full_size(tmp_path, capsys):
     assert main([str(path)]) == EXIT_OK
     assert main([str(tmp_path)]) == EXIT_OK  # the directory's config.json
     assert capsys.readouterr().out.count("supported: LlamaForCausalLM (llama) at sp=2") == 2
-    # the real head counts decide: 32 query heads cannot be split over 3 ranks
-    assert main([str(path), "--sp", "3"]) == EXIT_REFUSED
+    # the real head counts decide the split, as the strategies make it: 32 query heads do not divide
+    # over 3 ranks, so sp=3 runs as a ring of 3 (pure Ulysses would be refused)
+    assert main([str(path), "--sp", "3"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.startswith("refused: ") and "not divisible by sp=3" in out, out
+    assert out.startswith("supported: LlamaForCausalLM (llama) at sp=3 as ulysses 1 x ring 3"), out
+
+
+def test_run_beyond_the_head_count_compares_under_a_ring(tmp_path, capsys):
+    """--run splits the tiny build as the strategies would split it (the largest Ulysses degree its heads
+    allow, the rest a ring) and compares it under Ulysses x ring: sp=3 is a ring of 3."""
+    path = _llama_config(tmp_path, num_attention_heads=32, num_key_value_heads=8)
+    assert main([str(path), "--sp", "3", "--run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("exact: LlamaForCausalLM (llama) at sp=3 as ulysses 1 x ring 3"), out
+    errors = dict(re.findall(r"(\w+) (\d\.\de[+-]\d+)", out.split("max relative errors:", 1)[1]))
+    assert set(errors) == {"logits", "loss", "grads", "grad_ratio"} and all(float(v) <= RTOL for v in errors.values())
 
 
 def test_tiny_build_of_a_config_keeps_its_head_layout(tmp_path):

@@ -278,10 +278,12 @@ def text_batch(model: nn.Module) -> dict[str, torch.Tensor]:
     return batch
 
 
-def classify_composite(arch: str, cls: str, sp_group: Any, base: dict[str, Any] | None = None) -> Verdict:
+def classify_composite(arch: str, cls: str, sp_group: Any, base: dict[str, Any] | None = None,
+                       groups: dict[str, Any] | None = None) -> Verdict:
     """One image-text-to-text architecture on every rank of ``sp_group``: a text-only batch, then
     the image batch, under SP against the untouched tiny build (of ``base``, a full-size config dict,
-    when given: the ``check`` command). Every rank returns the same verdict."""
+    when given: the ``check`` command), split by ``groups`` (:func:`~.parity.compare`). Every rank
+    returns the same verdict."""
     import torch.distributed as dist
 
     row = Verdict(arch, HEAD, cls, "")
@@ -318,7 +320,8 @@ def classify_composite(arch: str, cls: str, sp_group: Any, base: dict[str, Any] 
         except NoImageBatch as e:
             return verdict("untestable", f"no tiny image batch: {e}"[:300], details, **how)
         # named as a row, so that compare reports the non-SP model's own failure as untestable
-        result = compare(ref, model, batch, name, sp_group, Verdict(arch, HEAD, cls, "", variant=name))
+        result = compare(ref, model, batch, name, sp_group, Verdict(arch, HEAD, cls, "", variant=name),
+                         groups=groups)
         if isinstance(result, Verdict):
             return Verdict(**{**result.__dict__, "variant": "", **how})
         details.update(result)

@@ -93,12 +93,15 @@ def _is_random_in_training(model: torch.nn.Module, head: str) -> bool:
 
 
 def compare(ref: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch.Tensor], variant: str,
-            sp_group: Any, row: Verdict, real: torch.Tensor | None = None) -> dict[str, float] | Verdict | None:
+            sp_group: Any, row: Verdict, real: torch.Tensor | None = None,
+            groups: dict[str, Any] | None = None) -> dict[str, float] | Verdict | None:
     """Run ``batch`` through ``ref`` (untouched) and ``model`` under SP; the group's worst relative
     errors (logits at real tokens, loss, aux loss, gradients, gradient ratios), or ``row`` with its
     verdict set (refused / foreign / untestable on the plain batch), or ``None`` when the non-SP
     model itself fails on a non-plain batch. ``real [b, s]`` marks the tokens whose logits are
-    compared (default: the batch's ``attention_mask``, else all)."""
+    compared (default: the batch's ``attention_mask``, else all). ``groups``: ``ring_group`` and
+    ``ulysses_group`` splitting ``sp_group`` as ulysses x ring (:func:`~lightning_ulysses.apply_ulysses`),
+    or ``None`` (pure Ulysses)."""
     from lightning_ulysses import apply_ulysses, shard_batch
     from lightning_ulysses.models.analysis import UnsupportedModelError
 
@@ -119,7 +122,7 @@ def compare(ref: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch
             return verdict("untestable", f"the non-SP model fails: {type(e).__name__}: {e}"[:300])
         return None
     try:
-        handle = apply_ulysses(model, sp_group, packed_documents="refuse")
+        handle = apply_ulysses(model, sp_group, packed_documents="refuse", **(groups or {}))
     except UnsupportedModelError as e:
         return verdict("refused", str(e))
     except Exception as e:  # noqa: BLE001
@@ -136,14 +139,14 @@ def compare(ref: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch
         handle.remove()
         return verdict("foreign", f"{variant}: {_short(e)}")
     handle.remove()
-    seq = batch["input_ids"].shape[1]
-    chunk = seq // sp
+    chunk = out.logits.shape[1]  # seq / sp, after the padding shard_batch adds to reach a multiple of sp
     lo = rank * chunk
     if real is None:
         real = batch.get("attention_mask", torch.ones(batch["input_ids"].shape))
     valid = real[:, lo:lo + chunk].bool()
+    k = valid.shape[1]  # this rank's real positions (fewer than chunk on the last ranks of a padded row)
     errs = {
-        f"{variant}/logits": _rel(out.logits[valid], ref_out.logits[:, lo:lo + chunk][valid]),
+        f"{variant}/logits": _rel(out.logits[:, :k][valid], ref_out.logits[:, lo:lo + k][valid]),
         f"{variant}/loss": _rel(out.loss, ref_out.loss),
     }
     if getattr(ref_out, "aux_loss", None) is not None:
@@ -175,11 +178,12 @@ def compare(ref: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch
 
 
 def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "padded"),
-             base: dict[str, Any] | None = None) -> Verdict:
+             base: dict[str, Any] | None = None, groups: dict[str, Any] | None = None) -> Verdict:
     """Classify ``cls`` of model type ``arch`` (``head`` ``"causal"`` or ``"masked"``) on every rank of
     ``sp_group``: a tiny random build of its default config (of ``base``, a full-size config dict,
     when given: :func:`~.configs.build_tiny`) under SP against the untouched build, on ``variants``
-    of the batch (``"plain"``, ``"padded"``: left padding). Every rank returns the same verdict."""
+    of the batch (``"plain"``, ``"padded"``: left padding), split by ``groups`` as in :func:`compare`.
+    Every rank returns the same verdict."""
     try:
         ref = build_tiny(arch, cls, base=base)
         model = build_tiny(arch, cls, base=base)
@@ -207,7 +211,7 @@ def classify(arch: str, head: str, cls: str, sp_group: Any, variants=("plain", "
     details: dict[str, float] = {}
     for variant in variants:
         batch = _inputs(head, variant == "padded")
-        result = compare(ref, model, batch, variant, sp_group, Verdict(arch, head, cls, ""))
+        result = compare(ref, model, batch, variant, sp_group, Verdict(arch, head, cls, ""), groups=groups)
         if isinstance(result, Verdict):
             return result
         if result is None:
