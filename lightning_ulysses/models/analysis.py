@@ -36,7 +36,7 @@ from ..parallel.attention import HeadLayout
 from .mixers import MixerSP, mixers_valid_sp, refusal_reason, sp_mixer_for
 from .moe import AuxLossPlan
 from .multimodal import CompositeParts, composite_objective, composite_parts
-from .source import source_of
+from .source import source_of as _source
 from .whole_sequence import cache_argument, is_position_module, reads_cache_length
 
 
@@ -131,10 +131,6 @@ _SEQUENCE_OPS = {
 _MASK_REBOUND = re.compile(r"^\s*attention_mask\s+=\s+(?!=|encoder_attention_mask)", re.MULTILINE)
 _SEQUENCE_SHIFT = re.compile(r"\[:,\s*1:\]|\[:,\s*:-1\]")
 _SSM_PARAMETERS = ("A_log", "dt_bias", "time_decay", "time_first")
-
-
-def _source(obj: Any) -> str:
-    return source_of(obj)
 
 
 def _forward_source(module: nn.Module) -> str:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..parallel.masks import SequenceMetadata
 from .context import ForwardContext
 from .patching import add_forward_wrapper, base_forward, bind_call, remove_forward_wrapper
-from .source import source_of
+from .source import source_of as _source
 
 # The sub-configs a supported composite may have: its language model's and its vision tower's.
 TEXT_KEY = "text_config"
@@ -113,10 +113,6 @@ class ImageBlocks:
     key: str
     ids: Callable[[Tensor], Tensor] | None
     windowed: bool
-
-
-def _source(obj: Any) -> str:
-    return source_of(obj)
 
 
 def composite_parts(model: nn.Module, components: list[str]) -> CompositeParts:

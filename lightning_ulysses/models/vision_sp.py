@@ -54,7 +54,7 @@ from ..parallel.uneven import gather_shares
 from .context import ForwardContext
 from .patching import bind_call
 from .multimodal import CompositeParts
-from .source import source_of
+from .source import source_of as _source
 
 # The encoding calls an outer forward may make on itself, and the grid argument of the Qwen form.
 _METHODS = {"get_image_features": "image_grid_thw", "get_video_features": "video_grid_thw"}
@@ -87,10 +87,6 @@ class VisionSplit:
 
     owner: nn.Module
     methods: dict[str, Form]
-
-
-def _source(obj: Any) -> str:
-    return source_of(obj)
 
 
 def plan_vision_split(model: nn.Module, parts: CompositeParts) -> tuple[VisionSplit | None, str]:

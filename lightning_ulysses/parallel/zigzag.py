@@ -12,9 +12,9 @@ Re-laying out the data path itself (the sampler, positions, labels, every gather
 touch every module that slices the sequence; instead the attention wrapper moves Q/K/V into the
 zigzag layout right before ring attention and the output back right after it: one all-to-all of
 half blocks over the ring group each way (each rank keeps or sends each of its two halves), whose
-autograd is the inverse exchange. Each rank sends at most one half of its Q, K, V and output, where
-the ring passes ``R - 1`` whole K/V blocks; it buys a compute makespan of ``(R+1)/2`` block pairs
-instead of ``R``.
+autograd is the inverse exchange. The busiest rank sends both halves of its Q, K, V and output (in a
+ring of 2 every rank keeps one), where the ring passes ``R - 1`` whole K/V blocks; it buys a compute
+makespan of ``(R+1)/2`` block pairs instead of ``R``.
 
 Everything here runs on the **ring** process group.
 """

@@ -38,7 +38,7 @@ _IMAGE_KEYS = ("image_token_id", "image_token_index")
 _SPECIAL_KEYS = _IMAGE_KEYS + (
     "video_token_id", "video_token_index", "vision_start_token_id", "vision_end_token_id", "boi_token_index",
     "eoi_token_index", "boi_token_id", "eoi_token_id", "image_start_token_id", "image_end_token_id",
-    "audio_token_id", "audio_token_index", "vision_token_id", "image_break_token_id", "image_end_token_id",
+    "audio_token_id", "audio_token_index", "vision_token_id", "image_break_token_id",
     "video_start_token_id", "video_end_token_id", "audio_start_token_id", "audio_end_token_id",
 )
 
@@ -59,7 +59,7 @@ def architectures() -> list[tuple[str, str, str]]:
 
 def _special_ids(defaults: dict[str, Any]) -> dict[str, int]:
     out, next_id = {}, VOCAB - 1
-    for key in dict.fromkeys(_SPECIAL_KEYS):
+    for key in _SPECIAL_KEYS:
         if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool):
             out[key] = next_id
             next_id -= 1
@@ -90,12 +90,9 @@ def image_config_kwargs(model_type: str, base: dict[str, Any] | None = None) -> 
         if isinstance(vision.get("window_size"), int) and isinstance(patch, int) and isinstance(merge, int):
             # Qwen2.5-VL's windows, in merged patches (window_size // merge // patch): 2 a side
             fit["window_size"] = 2 * merge * patch
-        if fit:
-            out["vision_config"] = {**vision, **fit}
-    if isinstance(vision, dict):
         # the tower's output width is the language model's embedding width
-        fit = {k: HIDDEN for k in _WIDTH_KEYS if isinstance(vision.get(k), int)}
-        out["vision_config"] = {**out.get("vision_config", vision), **fit}
+        fit.update({k: HIDDEN for k in _WIDTH_KEYS if isinstance(vision.get(k), int)})
+        out["vision_config"] = {**vision, **fit}
     # mrope's sections are filled in by the config class (not in its defaults): read them from a
     # built tiny config and rescale them to the tiny head
     if base is None:
