@@ -22,7 +22,7 @@ from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_mod
 from lightning_ulysses.parallel.masks import SequenceMetadata
 from lightning_ulysses.parallel.segments import attention_paths, plan_segments
 from tests.distributed import assert_close_rel, run_distributed
-from tests.vlm_models import IMG, SEQ, compare_sp_step, gemma3, paligemma, paligemma_batch, vlm_batch
+from tests.vlm_models import IMG, SEQ, compare_sp_step, gemma3, paligemma, paligemma_batch, seeded, vlm_batch
 
 S = 20
 # Gemma 3 image runs: one of 5 tokens (longer than the window of 3), one of 2, one straddling the padding
@@ -128,10 +128,8 @@ def _gemma3_parity(rank, world, sp):
     from lightning_ulysses.parallel.mesh import build_mesh
 
     dims = build_mesh("cpu", sp)
-    torch.manual_seed(0)
-    ref = gemma3().float()
-    torch.manual_seed(0)
-    model = gemma3().float()
+    ref = seeded(gemma3)
+    model = seeded(gemma3)
     handle = apply_ulysses(model, dims.sp_group)
     images = vlm_batch("gemma3", images=True)
     images["token_type_ids"] = (images["input_ids"] == IMG).long()
@@ -162,10 +160,8 @@ def _paligemma_parity(rank, world, sp):
     from lightning_ulysses.parallel.mesh import build_mesh
 
     dims = build_mesh("cpu", sp)
-    torch.manual_seed(0)
-    ref = paligemma().float()
-    torch.manual_seed(0)
-    model = paligemma().float()
+    ref = seeded(paligemma)
+    model = seeded(paligemma)
     handle = apply_ulysses(model, dims.sp_group)
     # its Gemma 2 says is_causal=False (PaliGemma's use_bidirectional_attention); the mask it is handed is causal
     assert model.model.language_model.layers[0].self_attn.is_causal is False
@@ -192,10 +188,8 @@ def _paligemma_sdpa(rank, world):
     from lightning_ulysses.parallel.mesh import build_mesh
 
     dims = build_mesh("cpu", world)
-    torch.manual_seed(0)
-    ref = paligemma("sdpa", "gemma").float()
-    torch.manual_seed(0)
-    model = paligemma("sdpa", "gemma").float()
+    ref = seeded(paligemma, "sdpa", "gemma")
+    model = seeded(paligemma, "sdpa", "gemma")
     handle = apply_ulysses(model, dims.sp_group)
     batch = paligemma_batch()
     compare_sp_step(model, ref, batch, dims, world, "paligemma sdpa prefix")

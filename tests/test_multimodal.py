@@ -12,7 +12,7 @@ from lightning_ulysses import apply_ulysses
 from lightning_ulysses.models.analysis import UnsupportedModelError, analyse_model
 from tests.distributed import run_distributed
 from tests.vlm_models import (MODELS, SEQ, TEXT, compare_sp_step, pad_left, qwen2_vl, qwen_video_batch,
-                              run_or_expect_gap, vlm_batch)
+                              run_or_expect_gap, seeded, vlm_batch)
 
 
 def _parity(rank, world, name, sp):
@@ -20,10 +20,8 @@ def _parity(rank, world, name, sp):
 
     build, family = MODELS[name]
     dims = build_mesh("cpu", sp)
-    torch.manual_seed(0)
-    ref = build().float()
-    torch.manual_seed(0)
-    model = build().float()
+    ref = seeded(build)
+    model = seeded(build)
     handle = apply_ulysses(model, dims.sp_group)
     compared = {}
     for images in (True, False):
@@ -54,10 +52,8 @@ def _odd_length(rank, world, name):
 
     build, family = MODELS[name]
     dims = build_mesh("cpu", world)
-    torch.manual_seed(0)
-    ref = build().float()
-    torch.manual_seed(0)
-    model = build().float()
+    ref = seeded(build)
+    model = seeded(build)
     handle = apply_ulysses(model, dims.sp_group)
     # 30 tokens at sp 4: shard_batch pads the rows to 32 (the images stay inside the first 30)
     batch = {k: v[:, :30] if k != "pixel_values" and v.dim() == 2 and v.shape[1] == SEQ else v
@@ -80,13 +76,11 @@ def _video_parity(rank, world, name, sp):
 
     build = MODELS[name][0]
     dims = build_mesh("cpu", sp)
-    torch.manual_seed(0)
-    ref = build().float()
+    ref = seeded(build)
     batch = qwen_video_batch(frames_apart=name == "qwen3_vl")
     compared = {}
     for vision_sp in (False, True):
-        torch.manual_seed(0)
-        model = build().float()
+        model = seeded(build)
         handle = apply_ulysses(model, dims.sp_group, vision_sp=vision_sp)
         assert handle.vision_sp == vision_sp, handle.vision_sp_reason
         compared[vision_sp] = compare_sp_step(model, ref, batch, dims, sp, f"{name} videos vision_sp={vision_sp}")
@@ -112,15 +106,13 @@ def _ring_parity(rank, world, name, ulysses):
     build, family = MODELS[name]
     dims = build_mesh("cpu", world).split(ulysses)
     assert (dims.ulysses_size, dims.ring_size) == (ulysses, world // ulysses)
-    torch.manual_seed(0)
-    ref = build().float()
+    ref = seeded(build)
     batches = {"images": vlm_batch(family, True), "text": vlm_batch(family, False)}
     if family == "qwen":
         batches["videos"] = qwen_video_batch(frames_apart=name == "qwen3_vl")
     compared = {}
     for vision_sp in (False, True):
-        torch.manual_seed(0)
-        model = build().float()
+        model = seeded(build)
         handle = apply_ulysses(model, dims.sp_group, ring_group=dims.ring_group, ulysses_group=dims.ulysses_group,
                                vision_sp=vision_sp)
         assert (handle.ring_size, handle.vision_sp) == (dims.ring_size, vision_sp), handle.vision_sp_reason

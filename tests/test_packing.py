@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lightning_ulysses import apply_ulysses, shard_batch
 from lightning_ulysses.lightning.packing import PackedDataset, PackingCollator, pack_documents
-from tests.distributed import assert_close_rel, grad_ratio, run_distributed
+from tests.distributed import assert_close_rel, assert_sp_grads, run_distributed
 from tests.models import VOCAB, tiny_model
 
 DOCS = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12]]
@@ -197,12 +197,7 @@ def _sp_packed_loss(rank, world):
             out.loss.backward()
             tag = f"{name}/{attn}"
             assert_close_rel(out.loss, ref_loss, name=f"{tag} loss")
-            for (pname, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
-                grad = p.grad.clone()
-                dist.all_reduce(grad, group=group)
-                grad /= sp
-                assert_close_rel(grad, p_ref.grad, name=f"{tag} grad {pname}")
-                assert abs(grad_ratio(grad, p_ref.grad) - 1) < 1e-5, f"{tag} grad ratio {pname}"
+            assert_sp_grads(model, ref, group, sp, f"{tag} grad")
             handle.remove()
     return True
 

@@ -24,6 +24,13 @@ QWEN_TOKENS = dict(image_token_id=IMG, video_token_id=VIDEO, vision_start_token_
                    bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
 
 
+def seeded(build, *args):
+    """``build(*args)`` in float32 from seed 0: every call gives the same weights (the untouched reference
+    and the model to shard)."""
+    torch.manual_seed(0)
+    return build(*args).float()
+
+
 def qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
